@@ -1,0 +1,117 @@
+"""The policy protocol: a diffusers model seen as a stochastic policy over denoising steps.
+
+An adapter (``genalign.pipelines.*``) implements :class:`Policy`. Its :meth:`Policy.predict` is THE
+forward: rollout and training both call it, so recomputed log-probs match the stored ones exactly.
+
+Conditioning is a ``dict[str, Tensor]`` whose tensors all have the batch as first dimension (negative
+prompt embeddings included, repeated per sample), so a trajectory's conditioning can be indexed,
+concatenated and stored like any other per-sample tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Protocol, Tuple, runtime_checkable
+
+import torch
+
+Cond = Dict[str, torch.Tensor]
+
+
+class ModelNotAvailableError(OSError):
+    """Raised when a model id is neither a local directory nor cached while offline."""
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What the rollout and the trainer need from a model adapter.
+
+    kind: ``"flow"`` (velocity prediction, sigmas in [0, 1]) or ``"ddpm"`` (noise prediction; the
+        schedule's sigmas are ``sqrt(1 - alpha_bar)``).
+    guidance_scale: CFG scale used inside :meth:`predict` (Flux: the guidance embedding value).
+    """
+
+    kind: str
+    guidance_scale: float
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def denoiser(self) -> torch.nn.Module:
+        """The network that is trained (transformer or UNet)."""
+
+    def encode(self, prompts: List[str]) -> Cond:
+        """Encode prompts (and the empty negative prompt when CFG is on) -> batch-first tensors."""
+
+    def schedule(self, num_steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(timesteps [T], sigmas [T+1])`` (float32, on the policy's device)."""
+
+    def initial_latents(self, batch_size: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Pure noise latents ``[B, ...]`` in float32 (Flux: packed)."""
+
+    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """Model output (velocity or noise) for ``latents`` at per-sample ``timesteps [B]``, with CFG /
+        guidance applied; float32, same shape as ``latents``."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images ``[B, 3, H, W]`` in [0, 1] (float32)."""
+
+
+def index_cond(cond: Cond, index) -> Cond:
+    """Select samples ``index`` (slice, LongTensor or list) from every conditioning tensor."""
+    return {k: v[index] for k, v in cond.items()}
+
+
+def cat_conds(conds: List[Cond]) -> Cond:
+    """Concatenate conditionings along the batch dimension (all must have the same keys)."""
+    keys = set(conds[0])
+    for i, c in enumerate(conds[1:], start=1):
+        if set(c) != keys:
+            raise ValueError(f"conditioning {i} has keys {sorted(c)}, expected {sorted(keys)}")
+    return {k: torch.cat([c[k] for c in conds], dim=0) for k in conds[0]}
+
+
+def cfg_combine(output: torch.Tensor, scale: float) -> torch.Tensor:
+    """Combine a ``[negative; positive]`` batched model output: ``neg + scale * (pos - neg)``."""
+    neg, pos = output.chunk(2)
+    return neg + scale * (pos - neg)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def resolve_pretrained(model_id: str) -> str:
+    """Map a hub id or local directory to something ``from_pretrained`` can load without surprises.
+
+    A local directory is returned as is. A hub id is looked up in the local cache; if it is absent and
+    the hub is offline (``HF_HUB_OFFLINE=1``) a :class:`ModelNotAvailableError` says how to fetch it.
+    Online, the id is returned unchanged and diffusers/transformers download it as usual.
+    """
+    if os.path.isdir(model_id):
+        return model_id
+    if os.path.exists(model_id):
+        raise ModelNotAvailableError(f"model path {model_id!r} exists but is not a directory")
+    looks_local = model_id.startswith((".", "/", "~")) or model_id.count("/") > 1
+    if looks_local:
+        raise ModelNotAvailableError(f"model directory {model_id!r} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model_id, local_files_only=True)
+    except Exception:
+        if _offline():
+            raise ModelNotAvailableError(
+                f"model {model_id!r} is neither a local directory nor in the Hugging Face cache, and the hub "
+                f"is offline (HF_HUB_OFFLINE=1). Fetch it on a machine with internet access with "
+                f"`hf download {model_id}` (or `huggingface-cli download {model_id}`) and copy the cache, "
+                f"or pass the path of a local directory saved with save_pretrained."
+            ) from None
+        return model_id
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    """``None`` -> CUDA if available else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

@@ -1,0 +1,264 @@
+"""Stochastic sampling steps with exact per-step log-probabilities.
+
+Pure math: tensors in, tensors out; imports only torch. Every function accepts per-sample schedule
+values (shape ``[B]``) or scalars, so one batch may mix denoising steps.
+
+Conventions (see ``ALGORITHMS.md``): flow matching uses ``x_s = (1 - s) x0 + s noise`` with sigma ``s``
+running from 1 (noise) to 0 (data); the model predicts the velocity ``v`` and the Euler ODE step is
+``x' = x + (s' - s) v``. ``log_prob`` is the Gaussian log-density of ``prev_sample`` reduced over all
+non-batch elements: ``reduction="mean"`` (default, matches published Flow-GRPO hyper-parameters) or
+``"sum"`` (the true joint density).
+
+Deterministic transitions (``std == 0``: noise level 0, or the CPS step onto ``s' = 0``) have no
+density; their ``log_prob`` is reported as 0 and their ``prev_sample`` is the mean.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+Number = Union[float, int, torch.Tensor]
+LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+@dataclass
+class StepOutput:
+    """Result of one stochastic step.
+
+    prev_sample: ``x'`` (shape of the input sample).
+    log_prob: ``[B]`` log-density of ``prev_sample`` under ``N(mean, std^2)``, reduced over elements.
+    mean: ``mu`` (shape of the input sample).
+    std: ``[B]`` standard deviation of the transition.
+    """
+
+    prev_sample: torch.Tensor
+    log_prob: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+def _per_sample(value: Number, like: torch.Tensor, name: str) -> torch.Tensor:
+    """Return ``value`` as a float tensor of shape ``[B]`` on ``like``'s device (float32 or wider)."""
+    batch = like.shape[0]
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    t = torch.as_tensor(value, dtype=dtype, device=like.device)
+    if t.ndim == 0:
+        return t.expand(batch)
+    if t.ndim != 1 or t.shape[0] != batch:
+        raise ValueError(f"{name} must be a scalar or have shape [{batch}], got {tuple(t.shape)}")
+    return t.to(dtype)
+
+
+def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a ``[B]`` tensor so it broadcasts against ``like`` (``[B, ...]``)."""
+    return t.reshape(t.shape[0], *([1] * (like.ndim - 1)))
+
+
+def _check_pair(model_output: torch.Tensor, sample: torch.Tensor, prev_sample: Optional[torch.Tensor]):
+    if sample.ndim < 2:
+        raise ValueError(f"sample must have a batch dimension and at least one more, got shape {tuple(sample.shape)}")
+    if model_output.shape != sample.shape:
+        raise ValueError(
+            f"model output shape {tuple(model_output.shape)} does not match sample shape {tuple(sample.shape)}"
+        )
+    if prev_sample is not None and prev_sample.shape != sample.shape:
+        raise ValueError(
+            f"prev_sample shape {tuple(prev_sample.shape)} does not match sample shape {tuple(sample.shape)}"
+        )
+
+
+def check_sigmas(sigma: torch.Tensor, sigma_next: torch.Tensor) -> None:
+    """Validate a flow-matching step: ``0 <= sigma_next < sigma <= 1`` (host sync; call once per schedule)."""
+    if not torch.all((sigma >= 0) & (sigma <= 1)):
+        raise ValueError(f"sigma must lie in [0, 1], got {sigma.tolist()}")
+    if not torch.all((sigma_next >= 0) & (sigma_next <= 1)):
+        raise ValueError(f"sigma_next must lie in [0, 1], got {sigma_next.tolist()}")
+    if not torch.all(sigma_next < sigma):
+        raise ValueError(
+            f"sigma_next must be smaller than sigma (sampling runs from noise to data), "
+            f"got sigma={sigma.tolist()} sigma_next={sigma_next.tolist()}"
+        )
+
+
+def _check_noise_level(noise_level: Number, upper: Optional[float] = None) -> None:
+    lvl = torch.as_tensor(noise_level)
+    if torch.any(lvl < 0) or (upper is not None and torch.any(lvl > upper)):
+        bound = f"[0, {upper}]" if upper is not None else ">= 0"
+        raise ValueError(f"noise_level must be {bound}, got {lvl.tolist()}")
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Log-density of ``x`` under ``N(mean, std^2)`` reduced over non-batch elements -> ``[B]``.
+
+    ``std`` has shape ``[B]``; samples with ``std == 0`` get log-prob 0 (deterministic transition).
+    """
+    std_b = _bcast(std, x)
+    deterministic = std_b == 0
+    safe = torch.where(deterministic, torch.ones_like(std_b), std_b)
+    elem = -((x - mean) ** 2) / (2 * safe**2) - torch.log(safe) - LOG_SQRT_2PI
+    elem = torch.where(deterministic, torch.zeros_like(elem), elem)
+    dims = tuple(range(1, x.ndim))
+    if reduction == "mean":
+        return elem.mean(dim=dims)
+    if reduction == "sum":
+        return elem.sum(dim=dims)
+    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def _finish(mean: torch.Tensor, std: torch.Tensor, prev_sample, generator, reduction) -> StepOutput:
+    if prev_sample is None:
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        prev_sample = mean + _bcast(std, mean).to(mean.dtype) * noise
+    log_prob = gaussian_log_prob(prev_sample, mean, std, reduction)
+    return StepOutput(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std)
+
+
+def flow_sde_std(sigma: torch.Tensor, sigma_next: torch.Tensor, noise_level: Number) -> torch.Tensor:
+    """Per-sample diffusion coefficient ``sigma_t = a * sqrt(s / (1 - s))`` of the Flow-GRPO SDE.
+
+    At ``s == 1`` the denominator uses ``s'`` (the next sigma), as the reference implementation does.
+    """
+    denom_s = torch.where(sigma >= 1, sigma_next, sigma)
+    return noise_level * torch.sqrt(sigma / (1 - denom_s))
+
+
+def flow_sde_step(
+    velocity: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: Number,
+    sigma_next: Number,
+    noise_level: Number,
+    prev_sample: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    reduction: str = "mean",
+    validate: bool = True,
+) -> StepOutput:
+    """Flow-GRPO SDE step (ALGORITHMS.md 1.1).
+
+    ``mu = x + (v + sigma_t^2 / (2 s) * (x + (1 - s) v)) * (s' - s)``, ``std = sigma_t * sqrt(s - s')``.
+    ``noise_level = 0`` reduces to the Euler ODE step. If ``prev_sample`` is given it is scored, not sampled.
+    ``validate=False`` skips the host-syncing range checks (callers that validated the schedule once).
+    """
+    _check_pair(velocity, sample, prev_sample)
+    s = _per_sample(sigma, sample, "sigma")
+    s_next = _per_sample(sigma_next, sample, "sigma_next")
+    a = _per_sample(noise_level, sample, "noise_level")
+    if validate:
+        check_sigmas(s, s_next)
+        _check_noise_level(noise_level)
+    sigma_t = flow_sde_std(s, s_next, a)
+    dt = s_next - s  # negative
+    x = sample.to(s.dtype) if sample.dtype != s.dtype else sample
+    v = velocity.to(s.dtype) if velocity.dtype != s.dtype else velocity
+    drift = v + _bcast(sigma_t**2 / (2 * s), x) * (x + _bcast(1 - s, x) * v)
+    mean = x + drift * _bcast(dt, x)
+    std = sigma_t * torch.sqrt(-dt)
+    return _finish(mean, std, prev_sample, generator, reduction)
+
+
+def cps_step(
+    velocity: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: Number,
+    sigma_next: Number,
+    noise_level: Number,
+    prev_sample: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    reduction: str = "mean",
+    validate: bool = True,
+) -> StepOutput:
+    """Coefficient-preserving sampling step (ALGORITHMS.md 1.2), noise level ``a`` in [0, 1].
+
+    ``std = s' sin(a pi / 2)``, ``mu = (1 - s') x0_hat + sqrt(s'^2 - std^2) x1_hat`` with
+    ``x0_hat = x - s v`` and ``x1_hat = x + (1 - s) v``. The log-prob is the exact Gaussian density
+    (the reference code's surrogate ``-mean((x' - mu)^2)`` differs by a per-step constant and scale).
+    """
+    _check_pair(velocity, sample, prev_sample)
+    s = _per_sample(sigma, sample, "sigma")
+    s_next = _per_sample(sigma_next, sample, "sigma_next")
+    a = _per_sample(noise_level, sample, "noise_level")
+    if validate:
+        check_sigmas(s, s_next)
+        _check_noise_level(noise_level, upper=1.0)
+    x = sample.to(s.dtype) if sample.dtype != s.dtype else sample
+    v = velocity.to(s.dtype) if velocity.dtype != s.dtype else velocity
+    std = s_next * torch.sin(a * math.pi / 2)
+    x0_hat = x - _bcast(s, x) * v
+    x1_hat = x + _bcast(1 - s, x) * v
+    keep = torch.sqrt(torch.clamp(s_next**2 - std**2, min=0))
+    mean = _bcast(1 - s_next, x) * x0_hat + _bcast(keep, x) * x1_hat
+    return _finish(mean, std, prev_sample, generator, reduction)
+
+
+def ddim_step(
+    noise_pred: torch.Tensor,
+    sample: torch.Tensor,
+    alpha_bar: Number,
+    alpha_bar_prev: Number,
+    eta: Number,
+    prev_sample: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    reduction: str = "mean",
+    validate: bool = True,
+) -> StepOutput:
+    """DDIM eta-step for DDPM-family models (ALGORITHMS.md 1.3; DDPO uses eta = 1).
+
+    ``alpha_bar`` / ``alpha_bar_prev`` are the cumulative alphas at the current and the next (less
+    noisy) timestep. ``var = (1-ab')/(1-ab) * (1 - ab/ab')``, ``std = eta sqrt(var)``,
+    ``mu = sqrt(ab') x0_hat + sqrt(1 - ab' - std^2) eps_hat``.
+    """
+    _check_pair(noise_pred, sample, prev_sample)
+    ab = _per_sample(alpha_bar, sample, "alpha_bar")
+    ab_prev = _per_sample(alpha_bar_prev, sample, "alpha_bar_prev")
+    e = _per_sample(eta, sample, "eta")
+    if validate:
+        if not torch.all((ab > 0) & (ab < 1)):
+            raise ValueError(f"alpha_bar must lie in (0, 1), got {ab.tolist()}")
+        if not torch.all((ab_prev > ab) & (ab_prev <= 1)):
+            raise ValueError(
+                f"alpha_bar_prev must lie in (alpha_bar, 1], got alpha_bar={ab.tolist()} alpha_bar_prev={ab_prev.tolist()}"
+            )
+        _check_noise_level(eta)
+    x = sample.to(ab.dtype) if sample.dtype != ab.dtype else sample
+    eps = noise_pred.to(ab.dtype) if noise_pred.dtype != ab.dtype else noise_pred
+    x0_hat = (x - _bcast(torch.sqrt(1 - ab), x) * eps) / _bcast(torch.sqrt(ab), x)
+    var = (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
+    std = e * torch.sqrt(var)
+    dir_coef = torch.sqrt(torch.clamp(1 - ab_prev - std**2, min=0))
+    mean = _bcast(torch.sqrt(ab_prev), x) * x0_hat + _bcast(dir_coef, x) * eps
+    return _finish(mean, std, prev_sample, generator, reduction)
+
+
+def gaussian_kl(mean_a: torch.Tensor, mean_b: torch.Tensor, std: Number, reduction: str = "mean") -> torch.Tensor:
+    """KL(N(mean_a, std^2) || N(mean_b, std^2)) per sample -> ``[B]`` (ALGORITHMS.md 1.4).
+
+    ``= reduce_e((mean_a - mean_b)^2) / (2 std^2)``; ``std`` is a scalar or ``[B]`` and must be > 0
+    (uses the exact transition std ``sigma_t * sqrt(dt)``, not the anchor's ``sigma_t``).
+    """
+    if mean_a.shape != mean_b.shape:
+        raise ValueError(f"mean shapes differ: {tuple(mean_a.shape)} vs {tuple(mean_b.shape)}")
+    s = _per_sample(std, mean_a, "std")
+    sq = (mean_a - mean_b) ** 2
+    dims = tuple(range(1, mean_a.ndim))
+    if reduction == "mean":
+        red = sq.mean(dim=dims)
+    elif reduction == "sum":
+        red = sq.sum(dim=dims)
+    else:
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    return red / (2 * s**2)
+
+
+STEP_FUNCTIONS = {"sde": flow_sde_step, "cps": cps_step}
+
+
+def flow_step(kind: str):
+    """Return the flow-matching step function registered as ``kind`` ('sde' or 'cps')."""
+    try:
+        return STEP_FUNCTIONS[kind]
+    except KeyError:
+        raise ValueError(f"unknown step kind {kind!r}; valid: {sorted(STEP_FUNCTIONS)}") from None
