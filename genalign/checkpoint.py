@@ -1,0 +1,87 @@
+"""Atomic checkpoint directories: write to a temporary directory, rename, then update ``latest``.
+
+Layout under ``<run>/checkpoints/``: ``checkpoint-<step>/`` (accelerate state, LoRA, trainer state,
+``COMPLETE`` marker written last) and ``latest`` (a text file naming the newest complete checkpoint).
+A checkpoint without its marker is partial (the process died while writing) and is skipped with a
+warning, so resuming falls back to the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from typing import Callable, List, Optional
+
+MARKER = "COMPLETE"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or a checkpoint that is corrupt."""
+
+
+def _step_of(name: str) -> int:
+    return int(name.rsplit("-", 1)[1])
+
+
+def list_checkpoints(root: str) -> List[str]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    names = [n for n in os.listdir(root) if n.startswith("checkpoint-") and n.rsplit("-", 1)[1].isdigit()]
+    good = []
+    for n in sorted(names, key=_step_of):
+        path = os.path.join(root, n)
+        if os.path.isfile(os.path.join(path, MARKER)):
+            good.append(path)
+        else:
+            warnings.warn(f"skipping partial checkpoint {path} (no {MARKER} marker)")
+    return good
+
+
+def latest_checkpoint(root: str) -> Optional[str]:
+    """The newest complete checkpoint (the ``latest`` pointer if it is valid, else a scan)."""
+    pointer = os.path.join(root, "latest")
+    if os.path.isfile(pointer):
+        with open(pointer) as fh:
+            path = os.path.join(root, fh.read().strip())
+        if os.path.isfile(os.path.join(path, MARKER)):
+            return path
+        warnings.warn(f"'latest' points to {path}, which is incomplete; using the newest complete checkpoint")
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def save_checkpoint(root: str, step: int, write: Callable[[str], None], keep_last: int = 2) -> str:
+    """Call ``write(tmp_dir)`` then atomically publish it as ``checkpoint-<step>``; prune old ones."""
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"checkpoint-{step}")
+    tmp = os.path.join(root, f".tmp-checkpoint-{step}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    with open(os.path.join(tmp, MARKER), "w") as fh:
+        json.dump({"step": step}, fh)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    ptr_tmp = os.path.join(root, ".latest.tmp")
+    with open(ptr_tmp, "w") as fh:
+        fh.write(os.path.basename(final))
+    os.replace(ptr_tmp, os.path.join(root, "latest"))
+    for old in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve_resume(output_dir: str, resume: str) -> str:
+    """``resume`` = 'latest' (the run's newest checkpoint) or a checkpoint path."""
+    if resume == "latest":
+        path = latest_checkpoint(os.path.join(output_dir, "checkpoints"))
+        if path is None:
+            raise CheckpointError(f"--resume latest: no complete checkpoint under {output_dir}/checkpoints")
+        return path
+    if not os.path.isfile(os.path.join(resume, MARKER)):
+        raise CheckpointError(f"{resume!r} is not a complete checkpoint directory (missing {MARKER})")
+    return resume

@@ -1,0 +1,360 @@
+"""Run configuration: dataclasses (one docstring per field), YAML loading, dotted overrides, validation.
+
+Batch arithmetic (explained once, here)
+---------------------------------------
+Each epoch draws ``sampling.groups_per_epoch`` prompts and generates ``sampling.group_size`` images
+per prompt (a *group*): ``samples_per_epoch = groups_per_epoch * group_size`` images over all
+processes. Groups may span processes. Every process generates ``samples_per_epoch / world_size``
+images in rollout batches of ``sampling.batch_size``, so ``samples_per_epoch`` must be divisible by
+``world_size * sampling.batch_size``.
+
+The epoch's samples are then split into ``train.num_minibatches`` optimizer steps (per inner epoch):
+each optimizer step sees ``samples_per_epoch / num_minibatches`` samples over all processes, processed
+in micro-batches of ``train.batch_size`` per process, and every micro-batch is trained on each of its
+trainable denoising steps. Gradients of all micro-batches and steps of one optimizer step are
+accumulated, and the loss is normalised by the number of (sample, step) tokens of the whole
+optimizer step, so accumulation does not change the loss. Optimizer steps per epoch:
+``num_minibatches * num_inner_epochs``.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is invalid; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    id: str = "digits"
+    """Model to align: 'digits' (the shipped tiny model), a hub id or a local diffusers directory."""
+    dtype: str = "float32"
+    """Weights dtype for the frozen parts and the forward: float32, bfloat16 or float16."""
+    guidance_scale: Optional[float] = None
+    """CFG scale (Flux: guidance embedding value) for rollout and training; None = the adapter's default."""
+    height: Optional[int] = None
+    """Image height in pixels; None = the model's default."""
+    width: Optional[int] = None
+    """Image width in pixels; None = the model's default."""
+    device: Optional[str] = None
+    """Device override; None = accelerate's device for this process."""
+
+
+@dataclass
+class SamplingConfig:
+    num_steps: int = 10
+    """Denoising steps T of a training rollout."""
+    step_kind: str = "sde"
+    """Stochastic step: 'sde' (Flow-GRPO), 'cps' (coefficient-preserving) or 'ddim' (DDPM-family models)."""
+    noise_level: float = 0.7
+    """Noise level a of the stochastic steps (DDIM: eta)."""
+    last_step_deterministic: bool = False
+    """Make the final step an ODE step (it is then never trained)."""
+    groups_per_epoch: int = 8
+    """Prompts drawn per epoch (over all processes); each gives one group."""
+    group_size: int = 16
+    """Images per prompt (group size k >= 2); advantages are relative within a group."""
+    batch_size: int = 32
+    """Rollout batch per process."""
+    log_prob_reduction: str = "mean"
+    """Reduce per-element Gaussian log-densities by 'mean' (Flow-GRPO's, default) or 'sum' (true density)."""
+    async_rewards: bool = False
+    """Score a batch in a background thread while the next batch is sampled."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    """Train LoRA adapters (True) or the full denoiser (False)."""
+    rank: int = 32
+    """LoRA rank r."""
+    alpha: float = 64.0
+    """LoRA alpha."""
+    target_modules: Optional[List[str]] = None
+    """Module names to adapt; None = the model adapter's defaults."""
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 3e-4
+    """AdamW learning rate."""
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clipping threshold (0 disables)."""
+    num_minibatches: int = 2
+    """Optimizer steps per inner epoch (the epoch's samples are split into this many parts)."""
+    num_inner_epochs: int = 1
+    """Passes over an epoch's samples."""
+    batch_size: int = 16
+    """Training micro-batch per process."""
+    timestep_fraction: float = 0.99
+    """Fraction of the stochastic steps that are trained (the first ones; Flow-GRPO trains int(0.99*T))."""
+    shuffle_steps: bool = False
+    """Train each sample's steps in a random order (instead of 0, 1, ...)."""
+    clip_range: float = 1e-4
+    """PPO clip epsilon (lower side)."""
+    clip_range_high: Optional[float] = None
+    """PPO clip epsilon (upper side); None = clip_range."""
+    kl_beta: float = 0.0
+    """Coefficient of the Gaussian mean KL to the reference policy (LoRA: adapters disabled)."""
+    reference_copy: bool = False
+    """Full fine-tuning with kl_beta > 0: keep a frozen copy of the denoiser as the reference."""
+    advantage: str = "grpo"
+    """Advantage estimator name (see genalign.advantages)."""
+    advantage_std: str = "group"
+    """Advantage scaling: 'group' std, 'batch' (global) std, or 'none' (Dr.GRPO)."""
+    advantage_clip: float = 5.0
+    """Clamp advantages to +- this value."""
+    filter_zero_std_groups: bool = True
+    """Groups whose rewards are all equal contribute no policy-gradient tokens."""
+    surrogate: str = "ppo_clip"
+    """Surrogate objective name (see genalign.losses)."""
+    aggregation: str = "token_mean"
+    """Loss aggregation over (sample, step) tokens (see genalign.losses)."""
+    ema: bool = True
+    """Keep an EMA of the trainable weights for evaluation."""
+    ema_decay: float = 0.9
+    """EMA decay."""
+    ema_every: int = 8
+    """Update the EMA every this many optimizer steps."""
+    gradient_checkpointing: bool = False
+    """Enable gradient checkpointing in the denoiser (saves activation memory)."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 5
+    """Evaluate every this many epochs (0 disables periodic evaluation; the end always evaluates)."""
+    num_per_prompt: int = 4
+    """Images per evaluation prompt."""
+    num_steps: Optional[int] = None
+    """ODE steps for evaluation; None = sampling.num_steps."""
+    seed: int = 1234
+    """Seed of the evaluation noise (identical every evaluation)."""
+    use_ema: bool = True
+    """Evaluate with the EMA weights when an EMA is kept."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save a checkpoint every this many epochs (0: only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept on disk."""
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/digits"
+    """Run directory: metrics.jsonl, checkpoints/, lora/, plots and grids."""
+    num_epochs: int = 40
+    """Training epochs (sampling + training rounds)."""
+    seed: int = 0
+    """Seed of prompts, noise and initialisation."""
+    reward: Any = "digit_correct"
+    """Reward: a registered name, 'path/to/file.py:function', or a mapping {reward: weight}."""
+    reward_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    """Keyword options per registered reward name, e.g. {digit_correct: {model_dir: digits}}."""
+    prompts_file: str = "digits:prompts_train.txt"
+    """Training prompts, one per line ('digits:NAME' = a file of the shipped digits assets)."""
+    eval_prompts_file: Optional[str] = "digits:prompts_eval.txt"
+    """Evaluation prompts, one per line; None disables evaluation."""
+    mixed_precision: str = "no"
+    """accelerate mixed precision: no, bf16 or fp16 (step math stays float32)."""
+    log_with: List[str] = field(default_factory=list)
+    """accelerate trackers to log to as well (tensorboard, wandb), when installed."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.sampling.groups_per_epoch * self.sampling.group_size
+
+    def validate(self, world_size: int = 1) -> None:
+        """Check values and the batch arithmetic for ``world_size`` processes (raise ConfigError)."""
+        s, t = self.sampling, self.train
+        _choice("sampling.step_kind", s.step_kind, ["sde", "cps", "ddim"])
+        _choice("sampling.log_prob_reduction", s.log_prob_reduction, ["mean", "sum"])
+        _choice("model.dtype", self.model.dtype, ["float32", "bfloat16", "float16"])
+        _choice("mixed_precision", self.mixed_precision, ["no", "bf16", "fp16"])
+        _choice("train.advantage_std", t.advantage_std, ["group", "batch", "none"])
+        for key, val, lo in [("sampling.num_steps", s.num_steps, 1), ("sampling.groups_per_epoch", s.groups_per_epoch, 1),
+                             ("sampling.batch_size", s.batch_size, 1), ("train.batch_size", t.batch_size, 1),
+                             ("train.num_minibatches", t.num_minibatches, 1), ("train.num_inner_epochs", t.num_inner_epochs, 1),
+                             ("num_epochs", self.num_epochs, 0), ("lora.rank", self.lora.rank, 1),
+                             ("train.ema_every", t.ema_every, 1), ("checkpoint.keep_last", self.checkpoint.keep_last, 1)]:
+            if val < lo:
+                raise ConfigError(f"{key} must be >= {lo}, got {val}")
+        if s.group_size < 2:
+            raise ConfigError(f"sampling.group_size must be >= 2 (advantages are relative within a group), got {s.group_size}")
+        if s.noise_level < 0 or (s.step_kind == "cps" and s.noise_level > 1):
+            raise ConfigError(f"sampling.noise_level must be in [0, 1] for cps and >= 0 otherwise, got {s.noise_level}")
+        if not 0 < t.timestep_fraction <= 1:
+            raise ConfigError(f"train.timestep_fraction must be in (0, 1], got {t.timestep_fraction}")
+        if t.clip_range <= 0 or (t.clip_range_high is not None and t.clip_range_high <= 0):
+            raise ConfigError("train.clip_range and train.clip_range_high must be > 0")
+        if t.kl_beta < 0:
+            raise ConfigError(f"train.kl_beta must be >= 0, got {t.kl_beta}")
+        if not 0 <= t.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+        n = self.samples_per_epoch
+        if n % (world_size * s.batch_size):
+            raise ConfigError(
+                f"samples per epoch (sampling.groups_per_epoch * sampling.group_size = {n}) must be divisible by "
+                f"world_size * sampling.batch_size = {world_size} * {s.batch_size}")
+        per_step = n // t.num_minibatches
+        if n % t.num_minibatches or per_step % (world_size * t.batch_size):
+            raise ConfigError(
+                f"samples per epoch ({n}) must split into train.num_minibatches = {t.num_minibatches} optimizer steps "
+                f"whose samples ({n / t.num_minibatches:g}) are divisible by world_size * train.batch_size = "
+                f"{world_size} * {t.batch_size}")
+
+
+def _choice(key: str, value: Any, valid: List[str]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key} = {value!r} is not valid; choose one of {valid}")
+
+
+# ---------------------------------------------------------------- loading, overrides, documentation
+
+def field_docs(cls) -> Dict[str, str]:
+    """Attribute docstrings of a dataclass (the string literal below each field)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for prev, node in zip(body, body[1:]):
+        if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            docs[prev.target.id] = str(node.value.value)
+    return docs
+
+
+def describe(cls=None, prefix: str = "") -> List[str]:
+    """Lines 'key (type) = default: doc' for every config key, sections included."""
+    cls = cls or Config
+    docs, lines = field_docs(cls), []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += describe(hints[f.name], prefix + f.name + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"{prefix}{f.name} = {default!r}: {docs.get(f.name, '')}")
+    return lines
+
+
+def _type_ok(value: Any, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin is Union:
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, List):
+        (inner,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+    if origin in (dict, Dict):
+        return isinstance(value, dict)
+    return isinstance(value, hint)
+
+
+def _build(cls, data: Dict[str, Any], prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {names}"
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+        hint_t = hints[key]
+        if dataclasses.is_dataclass(hint_t):
+            kwargs[key] = _build(hint_t, value if value is not None else {}, f"{prefix}{key}.")
+            continue
+        if hint_t is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not _type_ok(value, hint_t):
+            raise ConfigError(f"config key {prefix}{key} must be of type {_type_name(hint_t)}, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def parse_overrides(overrides: List[str]) -> Dict[str, Any]:
+    """``["train.lr=1e-4", "reward=my.py:fn"]`` -> nested dict (values parsed as YAML scalars)."""
+    out: Dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str) and ".py:" in raw:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override of {p!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+    merged = dict(base)
+    for k, v in extra.items():
+        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) and k not in (
+            "reward", "reward_options") else v
+    return merged
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    data: Dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path) as fh:
+                data = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path!r} must contain a mapping of keys, got {type(data).__name__}")
+    data = _merge(data, parse_overrides(overrides or []))
+    return _build(Config, data)
+
+
+def to_dict(cfg: Config) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)

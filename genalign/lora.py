@@ -1,0 +1,135 @@
+"""LoRA adapters on a policy's denoiser (peft through diffusers' adapter mixin), export and import.
+
+A saved LoRA directory holds:
+- ``adapter_config.json`` + ``adapter_model.safetensors``: the peft config and state dict (genalign's
+  own format, loadable into any genalign policy of the same base model);
+- ``pytorch_lora_weights.safetensors``: the diffusers format, written when the adapter exposes its
+  pipeline class, so ``pipe.load_lora_weights(dir)`` works in plain diffusers;
+- ``base_model.json``: the base model id and the denoiser's parameter count, checked when loading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Iterator, List, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ADAPTER = "default"
+
+
+def add_lora(denoiser: torch.nn.Module, rank: int, alpha: float, target_modules: List[str]) -> None:
+    """Add a trainable LoRA adapter (dropout 0, so rollout and training forwards are identical)."""
+    from peft import LoraConfig
+
+    present = {name.split(".")[-1] for name, _ in denoiser.named_modules()} | {
+        ".".join(name.split(".")[-2:]) for name, _ in denoiser.named_modules()}
+    missing = [m for m in target_modules if m not in present]
+    if len(missing) == len(target_modules):
+        raise ValueError(f"none of the LoRA target modules {target_modules} exist in {type(denoiser).__name__}")
+    found = [m for m in target_modules if m not in missing]
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=found, lora_dropout=0.0)
+    denoiser.add_adapter(cfg, adapter_name=ADAPTER)
+    for name, p in denoiser.named_parameters():
+        p.requires_grad_("lora_" in name)
+
+
+def has_lora(denoiser: torch.nn.Module) -> bool:
+    return bool(getattr(denoiser, "_hf_peft_config_loaded", False))
+
+
+@contextlib.contextmanager
+def adapters_disabled(denoiser: torch.nn.Module) -> Iterator[None]:
+    """Run the base model (the KL / RLG reference) without removing the adapters."""
+    denoiser.disable_adapters()
+    try:
+        yield
+    finally:
+        denoiser.enable_adapters()
+
+
+@contextlib.contextmanager
+def forward_of(live: torch.nn.Module, other: torch.nn.Module) -> Iterator[None]:
+    """Make ``live(...)`` run ``other``'s forward (a frozen reference copy) for the duration."""
+    live.forward = other.forward
+    try:
+        yield
+    finally:
+        del live.forward
+
+
+def lora_state_dict(denoiser: torch.nn.Module) -> dict:
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(denoiser, adapter_name=ADAPTER)
+
+
+def save_lora(policy, out_dir: str, base_model: str) -> None:
+    """Write the adapter in genalign's and (when possible) diffusers' format."""
+    denoiser = policy.denoiser()
+    os.makedirs(out_dir, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(denoiser).items()}
+    save_file(state, os.path.join(out_dir, "adapter_model.safetensors"))
+    cfg = denoiser.peft_config[ADAPTER].to_dict()
+    cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
+    with open(os.path.join(out_dir, "adapter_config.json"), "w") as fh:
+        json.dump(cfg, fh, indent=1, default=str)
+    with open(os.path.join(out_dir, "base_model.json"), "w") as fh:
+        json.dump({"base_model": base_model, "denoiser_class": type(denoiser).__name__,
+                   "denoiser_params": _base_param_count(denoiser)}, fh)
+    name = getattr(policy, "pipeline_class_name", None)
+    if name is not None:
+        import diffusers
+
+        pipeline_cls = getattr(diffusers, name)
+        key = "unet_lora_layers" if getattr(policy, "denoiser_name", "transformer") == "unet" else "transformer_lora_layers"
+        pipeline_cls.save_lora_weights(out_dir, **{key: state})
+
+
+def _base_param_count(denoiser: torch.nn.Module) -> int:
+    return sum(p.numel() for n, p in denoiser.named_parameters() if "lora_" not in n)
+
+
+def find_lora_dir(path: str) -> str:
+    """Accept a LoRA directory, a checkpoint directory, or a run directory (final LoRA, else latest checkpoint)."""
+    for candidate in (path, os.path.join(path, "lora"), os.path.join(path, "final", "lora")):
+        if os.path.isfile(os.path.join(candidate, "adapter_model.safetensors")):
+            return candidate
+    from .checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(os.path.join(path, "checkpoints")) if os.path.isdir(os.path.join(path, "checkpoints")) else None
+    if ckpt and os.path.isfile(os.path.join(ckpt, "lora", "adapter_model.safetensors")):
+        return os.path.join(ckpt, "lora")
+    raise FileNotFoundError(f"no LoRA found at {path!r} (looked for adapter_model.safetensors in the directory, "
+                            f"its lora/, final/lora/ and the latest checkpoint)")
+
+
+def load_lora(policy, path: str, adapter_name: str = ADAPTER, base_model: Optional[str] = None) -> str:
+    """Load a LoRA (from a LoRA, checkpoint or run directory) into ``policy``'s denoiser; returns its dir."""
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    lora_dir = find_lora_dir(path)
+    denoiser = policy.denoiser()
+    with open(os.path.join(lora_dir, "adapter_config.json")) as fh:
+        cfg = json.load(fh)
+    meta_path = os.path.join(lora_dir, "base_model.json")
+    if os.path.isfile(meta_path):
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+        if meta.get("denoiser_class") != type(denoiser).__name__ or meta.get("denoiser_params") != _base_param_count(denoiser):
+            raise ValueError(f"LoRA {lora_dir!r} was trained on base model {meta.get('base_model')!r} "
+                             f"({meta.get('denoiser_class')}, {meta.get('denoiser_params')} parameters), which does not "
+                             f"match this model ({type(denoiser).__name__}, {_base_param_count(denoiser)} parameters)")
+    keep = {k: v for k, v in cfg.items() if k in LoraConfig.__dataclass_fields__ and k not in ("peft_type", "task_type")}
+    denoiser.add_adapter(LoraConfig(**keep), adapter_name=adapter_name)
+    state = load_file(os.path.join(lora_dir, "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(denoiser, state, adapter_name=adapter_name)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"LoRA {lora_dir!r} has weights for modules this model lacks: {unexpected[:5]}")
+    denoiser.to(policy.device)
+    return lora_dir

@@ -1,0 +1,557 @@
+"""The one training loop: rollout -> rewards -> advantages -> clipped surrogate -> optimizer step.
+
+Read top to bottom: :meth:`Trainer.train` runs epochs; each epoch :meth:`Trainer.sample_epoch`
+generates trajectories with the SDE step and scores them, :meth:`Trainer.compute_advantages` turns the
+gathered rewards into group-relative advantages (identical on every process), and
+:meth:`Trainer.train_epoch` recomputes log-probs with THE SAME forward (``Policy.predict``, CFG
+included) and minimises the shared policy loss (:func:`genalign.losses.policy_loss`).
+
+Distributed: every process runs this loop on its slice of the epoch's samples. Gradients are summed
+over processes with one all-reduce per optimizer step, and the loss is normalised by the GLOBAL number
+of (sample, step) tokens, so N processes compute exactly what one process would on the same batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from typing import Dict, List, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from . import losses
+from .advantages import compute_advantages, zero_variance_groups
+from .checkpoint import resolve_resume, save_checkpoint
+from .config import Config, ConfigError, to_dict
+from .ema import EMA
+from .lora import adapters_disabled, add_lora, forward_of, has_lora, save_lora
+from .prompts import KRepeatSampler, read_prompts
+from .rollout import Trajectory, gather_steps, recompute_step, rollout
+from .sde import gaussian_kl
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# aggregations that decompose over per-step backward passes (all samples have the same k steps, so
+# seq_mean_token_mean equals 'constant' with normaliser k)
+_STEPWISE_AGG = {"token_mean", "seq_mean_token_sum", "constant", "seq_mean_token_mean"}
+
+
+def _seed(*parts: int) -> int:
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + int(p)) % (2**62)
+    return h
+
+
+class Trainer:
+    """Flow-GRPO-family trainer for any :class:`genalign.policy.Policy` adapter."""
+
+    def __init__(self, cfg: Config, resume: Optional[str] = None, accelerator=None):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.cfg = cfg
+        trackers = [t for t in cfg.log_with if _tracker_available(t)]
+        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
+                                              log_with=trackers or None, project_dir=cfg.output_dir)
+        cfg.validate(self.acc.num_processes)
+        if cfg.train.aggregation not in _STEPWISE_AGG:
+            raise ConfigError(f"train.aggregation {cfg.train.aggregation!r} cannot be used with per-step backward; "
+                              f"choose one of {sorted(_STEPWISE_AGG)}")
+        set_seed(cfg.seed)
+        self.device = torch.device(cfg.model.device) if cfg.model.device else self.acc.device
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self.is_main = self.acc.is_main_process
+
+        # data and reward first: cheap to fail early on bad input
+        self.prompts = read_prompts(cfg.prompts_file)
+        self.eval_prompts = read_prompts(cfg.eval_prompts_file) if cfg.eval_prompts_file else []
+        from genalign.rewards import RewardSet
+
+        options = {k: dict(v) for k, v in cfg.reward_options.items()}
+        if cfg.reward == "digit_correct" or (isinstance(cfg.reward, dict) and "digit_correct" in cfg.reward):
+            options.setdefault("digit_correct", {}).setdefault("device", str(self.device))
+        self.reward_fn = RewardSet(cfg.reward, options)
+
+        from genalign.pipelines import load_policy
+
+        self.policy = load_policy(cfg.model.id, device=self.device, dtype=DTYPES[cfg.model.dtype],
+                                  guidance_scale=cfg.model.guidance_scale,
+                                  **{k: v for k, v in (("height", cfg.model.height), ("width", cfg.model.width)) if v})
+        self.denoiser = self.policy.denoiser()
+        self._setup_trainable()
+        self.sampler = KRepeatSampler(len(self.prompts), cfg.sampling.groups_per_epoch, cfg.sampling.group_size,
+                                      cfg.seed, self.world, self.rank)
+        self.noise_levels = self._noise_levels()
+        self.epoch, self.global_step, self.samples_seen = 0, 0, 0
+        self.metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        if resume:
+            self._load(resolve_resume(cfg.output_dir, resume))
+        elif self.is_main:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            if os.path.exists(self.metrics_path):
+                os.remove(self.metrics_path)
+        if self.is_main:
+            with open(os.path.join(cfg.output_dir, "config.json"), "w") as fh:
+                json.dump(to_dict(cfg), fh, indent=1)
+        if trackers:
+            self.acc.init_trackers("genalign", config=_flat(to_dict(cfg)))
+
+    # ------------------------------------------------------------------ setup
+    def _setup_trainable(self) -> None:
+        cfg = self.cfg
+        for module in _policy_modules(self.policy):
+            module.requires_grad_(False)
+        self.reference = None
+        if cfg.lora.enabled:
+            targets = cfg.lora.target_modules or self.policy.lora_target_modules
+            add_lora(self.denoiser, cfg.lora.rank, cfg.lora.alpha, targets)
+        else:
+            if cfg.train.kl_beta > 0 and cfg.train.reference_copy:
+                import copy
+
+                self.reference = copy.deepcopy(self.denoiser).eval()
+            elif cfg.train.kl_beta > 0:
+                raise ConfigError("train.kl_beta > 0 with full fine-tuning needs a reference: set "
+                                  "train.reference_copy=true (keeps a frozen copy) or lora.enabled=true")
+            self.denoiser.requires_grad_(True)
+        self.denoiser.to(self.device)
+        if cfg.train.gradient_checkpointing:
+            if not hasattr(self.denoiser, "enable_gradient_checkpointing"):
+                raise ConfigError(f"train.gradient_checkpointing: {type(self.denoiser).__name__} does not support it")
+            self.denoiser.enable_gradient_checkpointing()
+        self.params = [p for p in self.denoiser.parameters() if p.requires_grad]
+        if not self.params:
+            raise ConfigError("no trainable parameters (check lora.target_modules)")
+        for p in self.params:  # trainable weights in float32; frozen ones keep model.dtype
+            p.data = p.data.float()
+        t = cfg.train
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        opt = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                                eps=t.adam_eps, **fused)
+        self.optimizer = self.acc.prepare(opt)
+        self.ema = EMA(self.params, t.ema_decay, t.ema_every) if t.ema else None
+
+    def _noise_levels(self) -> torch.Tensor:
+        s = self.cfg.sampling
+        levels = torch.full((s.num_steps,), float(s.noise_level))
+        if s.last_step_deterministic:
+            levels[-1] = 0.0
+        return levels
+
+    def trainable_steps(self) -> List[int]:
+        """Stochastic steps that are trained: the first ``int(timestep_fraction * n)`` of them (>= 1)."""
+        stochastic = [j for j in range(self.cfg.sampling.num_steps) if self.noise_levels[j] > 0]
+        if not stochastic:
+            raise ConfigError("no stochastic step to train: sampling.noise_level is 0")
+        k = max(1, int(self.cfg.train.timestep_fraction * len(stochastic)))
+        return stochastic[:k]
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> Dict[str, float]:
+        cfg = self.cfg
+        t0 = time.time()
+        if self.epoch == 0 and self.eval_prompts:
+            self._log({"epoch": 0, "global_step": 0, "samples_seen": 0, **self.evaluate(save_before=True)})
+        for epoch in range(self.epoch, cfg.num_epochs):
+            t_start = time.time()
+            traj, rewards, parts, group_ids, local = self.sample_epoch(epoch)
+            t_sampled = time.time()
+            adv, valid = self.compute_advantages(rewards, group_ids)
+            stats = self.train_epoch(epoch, traj, adv[local], valid[local])
+            t_trained = time.time()
+            self.epoch = epoch + 1
+            self.samples_seen += cfg.samples_per_epoch
+            row = {"epoch": self.epoch, "global_step": self.global_step, "samples_seen": self.samples_seen,
+                   "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+                   **{f"reward/{k}/mean": v.mean().item() for k, v in parts.items()},
+                   "adv/mean": adv.mean().item(), "adv/std": adv.std().item(), "adv/abs_mean": adv.abs().mean().item(),
+                   "groups/zero_std_frac": 1.0 - valid.float().mean().item(),
+                   **stats, "lr": self.optimizer.param_groups[0]["lr"],
+                   "time/sample_s": t_sampled - t_start, "time/train_s": t_trained - t_sampled,
+                   "samples_per_s": cfg.samples_per_epoch / max(t_trained - t_start, 1e-9),
+                   "elapsed_s": time.time() - t0}
+            last = self.epoch == cfg.num_epochs
+            if self.eval_prompts and (last or (cfg.eval.every and self.epoch % cfg.eval.every == 0)):
+                row.update(self.evaluate())
+            self._log(row)
+            if last or (cfg.checkpoint.every and self.epoch % cfg.checkpoint.every == 0):
+                self.save()
+        return self.finish()
+
+    def sample_epoch(self, epoch: int):
+        """Roll out this process's samples of ``epoch`` and score them; rewards are gathered globally.
+
+        Returns ``(local trajectory, global rewards [N], global parts, global group ids [N], local positions)``.
+        """
+        cfg, s = self.cfg, self.cfg.sampling
+        prompt_idx, group_ids, local = self.sampler.epoch(epoch)
+        prompts = [self.prompts[prompt_idx[i]] for i in local]
+        trajs, futures = [], []
+        pool = ThreadPoolExecutor(1) if s.async_rewards else None
+        self.denoiser.eval()
+        batches = range(0, len(prompts), s.batch_size)
+        for b, start in enumerate(tqdm(batches, desc=f"epoch {epoch + 1} sampling", disable=not self.is_main, leave=False)):
+            batch_prompts = prompts[start:start + s.batch_size]
+            gen = torch.Generator(self.device).manual_seed(_seed(cfg.seed, epoch, self.rank, b))
+            with self._autocast():
+                cond = self.policy.encode(batch_prompts)
+                traj = rollout(self.policy, cond, batch_prompts, s.num_steps, self.noise_levels, s.step_kind,
+                               generator=gen, reduction=s.log_prob_reduction)
+                images = self.policy.decode(traj.final)
+            trajs.append(traj)
+            meta = [{"epoch": epoch, "rank": self.rank, "index": start + i} for i in range(len(batch_prompts))]
+            call = (self._score, images, batch_prompts, meta, epoch, b)
+            futures.append(pool.submit(*call) if pool else call[0](*call[1:]))
+        results = [f.result() if pool else f for f in futures]
+        if pool:
+            pool.shutdown()
+        rewards = torch.cat([r for r, _ in results])
+        parts = {k: torch.cat([p[k] for _, p in results]) for k in results[0][1]}
+        rewards_all = self.acc.gather(rewards.to(self.device)).cpu()
+        parts_all = {k: self.acc.gather(v.to(self.device)).cpu() for k, v in parts.items()}
+        return Trajectory.cat(trajs), rewards_all, parts_all, group_ids, torch.tensor(local)
+
+    def _score(self, images, prompts, meta, epoch, batch_index):
+        from genalign.rewards import RewardError
+
+        try:
+            return self.reward_fn(images, prompts, meta)
+        except RewardError as exc:
+            kept = self._keep_failed_batch(images, prompts, epoch, batch_index)
+            raise RewardError(f"{exc} [epoch {epoch + 1}, rank {self.rank}, batch {batch_index}; the batch's "
+                              f"images and prompts are kept in {kept}; fix the reward and resume from the last "
+                              f"checkpoint]", exc.reward, exc.indices) from exc
+
+    def _keep_failed_batch(self, images, prompts, epoch, batch_index) -> str:
+        from safetensors.torch import save_file
+
+        out = os.path.join(self.cfg.output_dir, "failed_rewards", f"epoch{epoch + 1}-rank{self.rank}-batch{batch_index}")
+        os.makedirs(out, exist_ok=True)
+        save_file({"images": images.detach().float().cpu().contiguous()}, os.path.join(out, "images.safetensors"))
+        with open(os.path.join(out, "prompts.json"), "w") as fh:
+            json.dump(prompts, fh)
+        return out
+
+    def compute_advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor):
+        """Group-relative advantages over the GLOBAL batch (identical on every process) and the
+        per-sample validity mask (False for zero-variance groups when filtering is on)."""
+        t = self.cfg.train
+        adv = compute_advantages(t.advantage, rewards, group_ids, std=t.advantage_std, clip=t.advantage_clip)
+        valid = torch.ones_like(rewards, dtype=torch.bool)
+        if t.filter_zero_std_groups:
+            valid = ~zero_variance_groups(rewards, group_ids)
+        return adv, valid
+
+    def train_epoch(self, epoch: int, traj: Trajectory, adv: torch.Tensor, valid: torch.Tensor) -> Dict[str, float]:
+        """Optimizer steps over this epoch's local samples; returns averaged statistics."""
+        cfg, t = self.cfg, self.cfg.train
+        steps = torch.tensor(self.trainable_steps())
+        k, n_local = len(steps), len(traj)
+        per_step_local = n_local // t.num_minibatches
+        adv, valid = adv.to(self.device), valid.to(self.device)
+        sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        count, grad_norms = 0, []
+        self.denoiser.train()
+        for inner in range(t.num_inner_epochs):
+            gen = torch.Generator().manual_seed(_seed(cfg.seed, epoch, inner, self.rank, 7))
+            order = torch.randperm(n_local, generator=gen)
+            if t.shuffle_steps:
+                step_idx = torch.stack([steps[torch.randperm(k, generator=gen)] for _ in range(n_local)])
+            else:
+                step_idx = steps.expand(n_local, k)
+            for mb in tqdm(range(t.num_minibatches), desc=f"epoch {epoch + 1} training", disable=not self.is_main, leave=False):
+                ids = order[mb * per_step_local:(mb + 1) * per_step_local]
+                self.optimizer.zero_grad(set_to_none=True)
+                for key, v in self.accumulate(traj, adv, valid, ids, step_idx[ids]).items():
+                    sums[key] += v
+                count += 1
+                grad_norms.append(self._optimizer_step())
+        stats = {key: (v / count).item() for key, v in sums.items()}
+        stats["grad_norm"] = torch.stack(grad_norms).mean().item()
+        return stats
+
+    def accumulate(self, traj: Trajectory, adv: torch.Tensor, valid: torch.Tensor, ids: torch.Tensor,
+                   step_idx: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Accumulate the gradients of one optimizer step over samples ``ids`` (micro-batches of
+        ``train.batch_size``, every step in ``step_idx [len(ids), k]``); returns mean statistics.
+
+        The loss is normalised by the global token count of the whole optimizer step, so the
+        accumulated gradient does not depend on the micro-batch size.
+        """
+        t = self.cfg.train
+        k = step_idx.shape[1]
+        ids_dev = ids.to(self.device)
+        num_tokens = self.acc.reduce(valid[ids_dev].sum().float() * k, "sum").clamp_min(1)
+        num_seqs = float(len(ids) * self.world)
+        sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        n_micro = 0
+        for start in range(0, len(ids), t.batch_size):
+            micro = ids[start:start + t.batch_size]
+            md = micro.to(self.device)
+            st = self._micro_step(traj.select(micro).to(self.device), adv[md], valid[md],
+                                  step_idx[start:start + t.batch_size], num_tokens, num_seqs, k)
+            for key, v in st.items():
+                sums[key] += v
+            n_micro += 1
+        out = {key: v / n_micro for key, v in sums.items()}
+        out["loss"] = sums["loss"]
+        return out
+
+    def _micro_step(self, sub: Trajectory, adv, valid, step_idx, num_tokens, num_seqs, k) -> Dict[str, torch.Tensor]:
+        """Forward + backward for every trainable step of one micro-batch (one step at a time)."""
+        t = self.cfg.train
+        agg = "constant" if t.aggregation == "seq_mean_token_mean" else t.aggregation
+        out_stats: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        for c in range(k):
+            j = step_idx[:, c].to(self.device)
+            with self._autocast():
+                step = recompute_step(self.policy, sub, j)
+                kl = None
+                if t.kl_beta > 0:
+                    with torch.no_grad(), self._reference():
+                        ref_mean = recompute_step(self.policy, sub, j).mean
+                    kl = gaussian_kl(step.mean, ref_mean, gather_steps(sub.stds, j))[:, None]
+            old = gather_steps(sub.log_probs, j)
+            loss, st = losses.policy_loss(
+                step.log_prob[:, None], old[:, None], adv, valid[:, None], surrogate=t.surrogate, aggregation=agg,
+                eps_low=t.clip_range, eps_high=t.clip_range_high, num_tokens=num_tokens, num_seqs=num_seqs,
+                normalizer=k, kl=kl, kl_coef=t.kl_beta)
+            self.acc.backward(loss)
+            for key, v in st.items():
+                out_stats[key] += v / k
+            out_stats["loss"] += loss.detach()
+        return out_stats
+
+    def _optimizer_step(self) -> torch.Tensor:
+        if self.world > 1:  # sum gradients over processes (losses are normalised by global counts)
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad = self.acc.reduce(p.grad, "sum")
+        t = self.cfg.train
+        if t.max_grad_norm > 0:
+            norm = self.acc.clip_grad_norm_(self.params, t.max_grad_norm)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
+        self.optimizer.step()
+        self.global_step += 1
+        if self.ema is not None:
+            self.ema.step(self.global_step)
+        return torch.as_tensor(norm, device=self.device).float()
+
+    def _reference(self):
+        if self.reference is not None:
+            return forward_of(self.denoiser, self.reference)
+        return adapters_disabled(self.denoiser)
+
+    def _autocast(self):
+        return self.acc.autocast() if self.cfg.mixed_precision != "no" else nullcontext()
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def sample_images(self, prompts: List[str], seed: int, num_steps: int, noise_level: float = 0.0) -> torch.Tensor:
+        """Generate one image per prompt (ODE by default), deterministic in ``seed``; ``[N, 3, H, W]``."""
+        bs = self.cfg.sampling.batch_size
+        images = []
+        for b, start in enumerate(range(0, len(prompts), bs)):
+            chunk = prompts[start:start + bs]
+            gen = torch.Generator(self.device).manual_seed(_seed(seed, b))
+            with self._autocast():
+                traj = rollout(self.policy, self.policy.encode(chunk), chunk, num_steps, noise_level,
+                               self.cfg.sampling.step_kind, generator=gen)
+                images.append(self.policy.decode(traj.final).float().cpu())
+        return torch.cat(images)
+
+    @torch.no_grad()
+    def evaluate(self, save_before: bool = False) -> Dict[str, float]:
+        """ODE samples of the eval prompts (this process's share), rewards gathered; ``eval/*`` means."""
+        e = self.cfg.eval
+        prompts = [p for p in self.eval_prompts for _ in range(e.num_per_prompt)]
+        mine = prompts[self.rank::self.world]
+        self.denoiser.eval()
+        ctx = self.ema.swapped_in() if (self.ema is not None and e.use_ema and self.global_step) else nullcontext()
+        with ctx:
+            images = self.sample_images(mine, _seed(e.seed, self.rank), e.num_steps or self.cfg.sampling.num_steps)
+        total, parts = self.reward_fn(images, mine, [{"eval": True} for _ in mine])
+        out = {"eval/reward": self.acc.gather(total.to(self.device)).mean().item()}
+        for k, v in parts.items():
+            out[f"eval/{k}"] = self.acc.gather(v.to(self.device)).mean().item()
+        if save_before and self.is_main:
+            from safetensors.torch import save_file
+
+            save_file({"images": images.contiguous()}, os.path.join(self.cfg.output_dir, "before_images.safetensors"))
+        self._last_eval_images = images
+        return out
+
+    # ------------------------------------------------------------------ persistence and logging
+    def _log(self, row: Dict[str, float]) -> None:
+        if self.is_main:
+            with open(self.metrics_path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            shown = {k: round(v, 4) for k, v in row.items() if k in ("epoch", "reward/mean", "eval/reward", "ratio_mean",
+                                                                     "clip_frac", "kl", "grad_norm") or "accuracy" in k}
+            tqdm.write(f"[genalign] {shown}")
+        self.acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row.get("global_step", 0))
+
+    def _trainer_state(self) -> Dict:
+        return {"epoch": self.epoch, "global_step": self.global_step, "samples_seen": self.samples_seen,
+                "config": to_dict(self.cfg)}
+
+    def save(self) -> Optional[str]:
+        """Atomic checkpoint: optimizer + RNG (accelerate), trainable weights, EMA, trainer state."""
+        self.acc.wait_for_everyone()
+        if not self.is_main:
+            self.acc.wait_for_everyone()
+            return None
+
+        def write(tmp: str) -> None:
+            from safetensors.torch import save_file
+
+            self.acc.save_state(os.path.join(tmp, "accelerate"))
+            if has_lora(self.denoiser):
+                save_lora(self.policy, os.path.join(tmp, "lora"), self.cfg.model.id)
+            else:
+                save_file({n: p.detach().cpu().contiguous() for n, p in self.denoiser.named_parameters() if p.requires_grad},
+                          os.path.join(tmp, "denoiser.safetensors"))
+            if self.ema is not None:
+                state = self.ema.state_dict()
+                save_file({str(i): s.contiguous() for i, s in enumerate(state["shadow"])}, os.path.join(tmp, "ema.safetensors"))
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as fh:
+                json.dump({**self._trainer_state(), "ema_updates": self.ema.num_updates if self.ema else 0}, fh)
+
+        path = save_checkpoint(os.path.join(self.cfg.output_dir, "checkpoints"), self.global_step, write,
+                               self.cfg.checkpoint.keep_last)
+        self.acc.wait_for_everyone()
+        return path
+
+    def _load(self, path: str) -> None:
+        from safetensors.torch import load_file
+
+        with open(os.path.join(path, "trainer_state.json")) as fh:
+            state = json.load(fh)
+        diff = _config_diff(state["config"], to_dict(self.cfg))
+        if diff:
+            raise ConfigError(f"cannot resume from {path}: the config differs in {diff} "
+                              f"(only num_epochs, eval.* and checkpoint.* may change)")
+        if has_lora(self.denoiser):
+            from peft.utils import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.denoiser, load_file(os.path.join(path, "lora", "adapter_model.safetensors")))
+        else:
+            named = dict(self.denoiser.named_parameters())
+            for n, v in load_file(os.path.join(path, "denoiser.safetensors")).items():
+                named[n].data.copy_(v)
+        self.acc.load_state(os.path.join(path, "accelerate"))
+        if self.ema is not None:
+            shadow = load_file(os.path.join(path, "ema.safetensors"))
+            self.ema.load_state_dict({"shadow": [shadow[str(i)] for i in range(len(shadow))],
+                                      "num_updates": state.get("ema_updates", 0)})
+        self.epoch, self.global_step, self.samples_seen = state["epoch"], state["global_step"], state["samples_seen"]
+        if self.is_main:
+            _truncate_metrics(self.metrics_path, self.epoch)
+
+    def finish(self) -> Dict[str, float]:
+        """Export the final weights, the reward curve and a before/after grid; return the last metrics."""
+        out = self.cfg.output_dir
+        if self.is_main:
+            if has_lora(self.denoiser):
+                ctx = self.ema.swapped_in() if self.ema is not None and self.cfg.eval.use_ema else nullcontext()
+                with ctx:
+                    save_lora(self.policy, os.path.join(out, "final", "lora"), self.cfg.model.id)
+                if self.ema is not None:
+                    save_lora(self.policy, os.path.join(out, "final", "lora_raw"), self.cfg.model.id)
+            else:
+                from safetensors.torch import save_file
+
+                os.makedirs(os.path.join(out, "final"), exist_ok=True)
+                save_file({n: p.detach().cpu().contiguous() for n, p in self.denoiser.state_dict().items()},
+                          os.path.join(out, "final", "denoiser.safetensors"))
+            from .plots import plot_metrics
+
+            plot_metrics(self.metrics_path, os.path.join(out, "reward_curve.png"))
+            self._before_after_grid()
+        self.acc.wait_for_everyone()
+        self.acc.end_training()
+        return _last_metrics(self.metrics_path) if self.is_main else {}
+
+    def _before_after_grid(self) -> None:
+        from safetensors.torch import load_file
+
+        from .plots import save_image_grid
+
+        before_path = os.path.join(self.cfg.output_dir, "before_images.safetensors")
+        after = getattr(self, "_last_eval_images", None)
+        if after is None or not os.path.isfile(before_path) or self.world > 1:
+            return
+        before = load_file(before_path)["images"]
+        n = min(len(before), len(after), 8 * self.cfg.eval.num_per_prompt)
+        save_image_grid([before[:n], after[:n]], os.path.join(self.cfg.output_dir, "before_after.png"),
+                        columns=self.cfg.eval.num_per_prompt, titles=["before", "after"])
+
+
+# ---------------------------------------------------------------------- helpers
+
+def _policy_modules(policy) -> List[torch.nn.Module]:
+    mods = []
+    for v in vars(policy).values():
+        if isinstance(v, torch.nn.Module):
+            mods.append(v)
+        elif hasattr(v, "components") and isinstance(getattr(v, "components"), dict):
+            mods += [m for m in v.components.values() if isinstance(m, torch.nn.Module)]
+    return mods
+
+
+def _tracker_available(name: str) -> bool:
+    import importlib.util
+
+    module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(name, name)
+    return importlib.util.find_spec(module) is not None
+
+
+def _flat(d: Dict, prefix: str = "") -> Dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def _config_diff(old: Dict, new: Dict) -> List[str]:
+    free = ("num_epochs", "eval.", "checkpoint.", "output_dir", "log_with")
+    a, b = _flat(old), _flat(new)
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(free)]
+
+
+def _truncate_metrics(path: str, epoch: int) -> None:
+    """Drop metric rows written after the checkpoint we resume from (they will be recomputed)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as fh:
+        rows = [line for line in fh if line.strip() and json.loads(line).get("epoch", 0) <= epoch]
+    with open(path, "w") as fh:
+        fh.writelines(rows)
+
+
+def _last_metrics(path: str) -> Dict[str, float]:
+    merged: Dict[str, float] = {}
+    if os.path.isfile(path):
+        with open(path) as fh:
+            for line in fh:
+                merged.update(json.loads(line))
+    return merged
+
+
+def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, float]:
+    """Build a :class:`Trainer` and run it."""
+    return Trainer(cfg, resume=resume).train()
+
+
+__all__ = ["Trainer", "train"]

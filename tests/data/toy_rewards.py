@@ -1,0 +1,26 @@
+"""Reward scripts used by the tests (loaded with 'tests/data/toy_rewards.py:NAME')."""
+
+import torch
+
+
+def brightness(images, prompts, metadata):
+    """Mean pixel value: easy to raise, so a few steps show learning."""
+    return images.mean(dim=(1, 2, 3))
+
+
+def nan_for_second(images, prompts, metadata):
+    scores = images.mean(dim=(1, 2, 3)).clone()
+    scores[1] = float("nan")
+    return scores
+
+
+def too_short(images, prompts, metadata):
+    return torch.zeros(len(prompts) - 1)
+
+
+def raises(images, prompts, metadata):
+    raise RuntimeError("reward server unreachable")
+
+
+def named_parts(images, prompts, metadata):
+    return {"score": images.mean(dim=(1, 2, 3)), "contrast": images.std(dim=(1, 2, 3))}
