@@ -197,7 +197,9 @@ def grpo(
 
 
 @register_advantage("dr_grpo")
-def dr_grpo(rewards: Tensor, group_ids: Tensor, mask: Optional[Tensor] = None, *, clip: Optional[float] = None) -> Tensor:
+def dr_grpo(
+    rewards: Tensor, group_ids: Tensor, mask: Optional[Tensor] = None, *, clip: Optional[float] = None
+) -> Tensor:
     """Dr.GRPO: ``A = R - mean_g`` (no std scaling) -> ``[B]``."""
     return grpo(rewards, group_ids, mask, std="none", clip=clip)
 

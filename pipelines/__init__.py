@@ -32,7 +32,7 @@ def _adapter(module: str, cls: str):
 
 def policy_class(model_id: str):
     """Return the adapter class for ``model_id`` ('digits', a digits asset dir, or a diffusers model)."""
-    if model_id == "digits" or os.path.isfile(os.path.join(model_id, "digits_config.json")):
+    if model_id == "digits" or os.path.isfile(os.path.join(model_id, "policy.json")):
         return _adapter("digits", "DigitsPolicy")
     path = resolve_pretrained(model_id)
     index = os.path.join(path, "model_index.json")

@@ -61,7 +61,11 @@ class CausalLMPolicy:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, **kwargs)
 
     def token_logprobs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor, temperature: float = 1.0
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_mask: torch.Tensor,
+        temperature: float = 1.0,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Log-probs and entropies of the response tokens -> ``(logp [B, T], entropy [B, T])``.
 
@@ -203,7 +207,8 @@ def grpo_step(
     elif isinstance(config, Mapping):
         unknown = set(config) - {f.name for f in fields(GRPOStepConfig)}
         if unknown:
-            raise ValueError(f"unknown grpo_step config keys {sorted(unknown)}; valid: {[f.name for f in fields(GRPOStepConfig)]}")
+            valid = [f.name for f in fields(GRPOStepConfig)]
+            raise ValueError(f"unknown grpo_step config keys {sorted(unknown)}; valid: {valid}")
         config = GRPOStepConfig(**config)
     device = policy.device
     input_ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)

@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from genalign import losses as L
 from genalign.losses import aggregate, kl_divergence, log_ratio, policy_loss, ppo_clip
@@ -110,8 +109,10 @@ def test_accumulation_with_global_counts_equals_full_batch(mode):
     full, _ = policy_loss(logp, old, adv, mask, ref_logp=ref, **kw)
     (g_full,) = torch.autograd.grad(full, logp)
     counts = dict(num_tokens=mask.sum(), num_seqs=6, normalizer=5)
-    parts = [policy_loss(logp[i : i + 2], old[i : i + 2], adv[i : i + 2], mask[i : i + 2], ref_logp=ref[i : i + 2], **kw, **counts)[0] for i in (0, 2, 4)]
-    total = sum(parts)
+    total = 0.0
+    for i in (0, 2, 4):
+        sl = slice(i, i + 2)
+        total = total + policy_loss(logp[sl], old[sl], adv[sl], mask[sl], ref_logp=ref[sl], **kw, **counts)[0]
     (g_acc,) = torch.autograd.grad(total, logp)
     torch.testing.assert_close(total, full)
     torch.testing.assert_close(g_acc, g_full)
@@ -261,12 +262,13 @@ def _nls(x):
 
 
 def test_dpo_and_simpo_hand_computed():
-    out = L.dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.5]), beta=0.5)
+    pw, pl, rw, rl = torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.5])
+    out = L.dpo_loss(pw, pl, rw, rl, beta=0.5)
     # d_w = 1, d_l = -0.5 -> logits 0.75
     torch.testing.assert_close(out, torch.tensor([_nls(0.75)]))
-    smooth = L.dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.5]), 0.5, 0.1)
+    smooth = L.dpo_loss(pw, pl, rw, rl, 0.5, 0.1)
     torch.testing.assert_close(smooth, torch.tensor([0.9 * _nls(0.75) + 0.1 * _nls(-0.75)]))
-    s = L.simpo_loss(torch.tensor([-4.0]), torch.tensor([-9.0]), torch.tensor([2.0]), torch.tensor([3.0]), beta=2.0, gamma=0.5)
+    s = L.simpo_loss(torch.tensor([-4.0]), torch.tensor([-9.0]), torch.tensor([2.0]), torch.tensor([3.0]), 2.0, 0.5)
     torch.testing.assert_close(s, torch.tensor([_nls(2.0 * (-2.0 + 3.0) - 0.5)]))
 
 
@@ -317,4 +319,14 @@ def test_diffusion_dpo_and_kto_hand_computed():
     z = max(sum(g) / 3, 0.0)
     kto = L.diffusion_kto_loss(model, ref, torch.tensor([True, False, True]), beta=10.0)
     sig = lambda x: 1 / (1 + math.exp(-x))
-    torch.testing.assert_close(kto, torch.tensor([1 - sig(10 * (0.1 - z)), 1 - sig(-10 * (-0.1 - z)), 1 - sig(10 * (0.0 - z))]))
+    expected = [1 - sig(10 * (0.1 - z)), 1 - sig(-10 * (-0.1 - z)), 1 - sig(10 * (0.0 - z))]
+    torch.testing.assert_close(kto, torch.tensor(expected))
+
+
+def test_low_precision_logps_are_upcast():
+    old = torch.zeros(2, 3, dtype=torch.bfloat16)
+    logp = torch.full((2, 3), 2e-3, dtype=torch.bfloat16, requires_grad=True)
+    loss, stats = policy_loss(logp, old, torch.tensor([1.0, -1.0]), eps_low=1e-4)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(stats["clip_frac_pos"], torch.tensor(1.0))  # 1 + 1e-4 is not rounded to 1
+    torch.testing.assert_close(stats["clip_frac_neg"], torch.tensor(0.0))
