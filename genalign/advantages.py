@@ -22,10 +22,12 @@ from typing import Callable, Dict, NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from .registry import Registry
+
 Tensor = torch.Tensor
 AdvantageFn = Callable[..., Tensor]
 
-ADVANTAGES: Dict[str, AdvantageFn] = {}
+ADVANTAGES = Registry("advantage estimator")
 
 
 def register_advantage(name: str):
@@ -33,26 +35,12 @@ def register_advantage(name: str):
 
     Registering a taken name raises ``ValueError``.
     """
-
-    def decorator(fn: AdvantageFn) -> AdvantageFn:
-        if name in ADVANTAGES:
-            raise ValueError(f"advantage estimator {name!r} is already registered")
-        ADVANTAGES[name] = fn
-        return fn
-
-    return decorator
+    return ADVANTAGES.register(name)
 
 
 def get_advantage(name_or_callable: Union[str, AdvantageFn]) -> AdvantageFn:
     """Registered estimator by name, or the callable itself; unknown names list the valid ones."""
-    if callable(name_or_callable):
-        return name_or_callable
-    try:
-        return ADVANTAGES[name_or_callable]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown advantage estimator {name_or_callable!r}; valid: {sorted(ADVANTAGES)}"
-        ) from None
+    return ADVANTAGES.get(name_or_callable)
 
 
 def compute_advantages(

@@ -27,6 +27,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .registry import Registry
 from .sde import gaussian_kl  # noqa: F401  (re-export: closed-form Gaussian KL for diffusion steps)
 
 Tensor = torch.Tensor
@@ -79,25 +80,6 @@ def _per_token(values: Tensor, like: Tensor, name: str) -> Tensor:
     if values.shape == like.shape:
         return values
     raise ValueError(f"{name} must have shape [B] or [B, T] = {tuple(like.shape)}, got {tuple(values.shape)}")
-
-
-def _registry_get(registry: Dict[str, Callable], kind: str, name_or_fn) -> Callable:
-    if callable(name_or_fn):
-        return name_or_fn
-    try:
-        return registry[name_or_fn]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown {kind} {name_or_fn!r}; valid: {sorted(registry)}") from None
-
-
-def _registry_add(registry: Dict[str, Callable], kind: str, name: str):
-    def decorator(fn):
-        if name in registry:
-            raise ValueError(f"{kind} {name!r} is already registered")
-        registry[name] = fn
-        return fn
-
-    return decorator
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -303,18 +285,18 @@ def hapo_surrogate(
 
 
 # registry: fn(log_ratio, advantages, logp, *, eps_low, eps_high, dual_clip, **options) -> SurrogateOutput
-SURROGATES: Dict[str, Callable[..., SurrogateOutput]] = {}
+SURROGATES = Registry("surrogate")
 
 
 def register_surrogate(name: str):
     """Decorator registering ``fn(log_ratio, advantages, logp, *, eps_low, eps_high, dual_clip, **options)
     -> SurrogateOutput``. A taken name raises ``ValueError``."""
-    return _registry_add(SURROGATES, "surrogate", name)
+    return SURROGATES.register(name)
 
 
 def get_surrogate(name_or_fn) -> Callable[..., SurrogateOutput]:
     """Registered surrogate by name (or the callable itself); unknown names list the valid ones."""
-    return _registry_get(SURROGATES, "surrogate", name_or_fn)
+    return SURROGATES.get(name_or_fn)
 
 
 @register_surrogate("ppo_clip")
@@ -341,18 +323,18 @@ def _hapo_surrogate(log_r, advantages, logp, *, eps_low, eps_high=None, dual_cli
 # aggregation
 
 # registry: fn(per_token_loss [B, T], mask bool [B, T], num_tokens, num_seqs, normalizer) -> scalar
-AGGREGATIONS: Dict[str, Callable[..., Tensor]] = {}
+AGGREGATIONS = Registry("aggregation")
 
 
 def register_aggregation(name: str):
     """Decorator registering ``fn(per_token_loss, mask, num_tokens, num_seqs, normalizer) -> scalar``
     (``mask`` is a bool tensor; counts are already resolved). A taken name raises ``ValueError``."""
-    return _registry_add(AGGREGATIONS, "aggregation", name)
+    return AGGREGATIONS.register(name)
 
 
 def get_aggregation(name_or_fn) -> Callable[..., Tensor]:
     """Registered aggregation by name (or the callable itself); unknown names list the valid ones."""
-    return _registry_get(AGGREGATIONS, "aggregation", name_or_fn)
+    return AGGREGATIONS.get(name_or_fn)
 
 
 @register_aggregation("token_mean")
@@ -543,14 +525,8 @@ def _seq_sum(per_token: Tensor, mask: Optional[Tensor]) -> Tensor:
     return per_token if per_token.ndim == 1 else masked_sum(per_token, mask, dim=1)
 
 
-def dpo_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float = 0.1,
-    label_smoothing: float = 0.0,
-) -> Tensor:
+def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+             ref_rejected_logps: Tensor, beta: float = 0.1, label_smoothing: float = 0.0) -> Tensor:
     """DPO: ``-log sigmoid(beta * (d_w - d_l))`` with ``d = logp - ref_logp`` (summed) -> ``[B]``.
 
     ``label_smoothing = e`` gives the conservative DPO ``-(1 - e) log s(x) - e log s(-x)``.
@@ -559,14 +535,8 @@ def dpo_loss(
     return -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
 
 
-def simpo_loss(
-    chosen_logps_sum: Tensor,
-    rejected_logps_sum: Tensor,
-    chosen_len: Tensor,
-    rejected_len: Tensor,
-    beta: float = 2.0,
-    gamma: float = 0.5,
-) -> Tensor:
+def simpo_loss(chosen_logps_sum: Tensor, rejected_logps_sum: Tensor, chosen_len: Tensor, rejected_len: Tensor,
+               beta: float = 2.0, gamma: float = 0.5) -> Tensor:
     """SimPO (no reference): ``-log sigmoid(beta * (lp_w / |y_w| - lp_l / |y_l|) - gamma)`` -> ``[B]``.
 
     ``gamma`` is the target reward margin (TRL's ``gamma_beta_ratio`` is ``gamma / beta``).
@@ -613,16 +583,9 @@ def tdpo_loss(
     return -F.logsigmoid(beta * (u - delta))
 
 
-def tgdpo_loss(
-    chosen_logratios: Tensor,
-    rejected_logratios: Tensor,
-    chosen_token_rewards: Tensor,
-    rejected_token_rewards: Tensor,
-    alpha: float = 1.0,
-    beta: float = 0.1,
-    chosen_mask: Optional[Tensor] = None,
-    rejected_mask: Optional[Tensor] = None,
-) -> Tensor:
+def tgdpo_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, chosen_token_rewards: Tensor,
+               rejected_token_rewards: Tensor, alpha: float = 1.0, beta: float = 0.1,
+               chosen_mask: Optional[Tensor] = None, rejected_mask: Optional[Tensor] = None) -> Tensor:
     """TGDPO (token-level reward guidance, Zhu et al. 2025) -> ``[B]``.
 
     Per-token DPO weights ``beta (1 + alpha beta r_t)`` on the chosen response and
@@ -636,16 +599,9 @@ def tgdpo_loss(
     return -F.logsigmoid(chosen - masked_sum(w_l * rejected_logratios, rejected_mask, dim=1))
 
 
-def treg_loss(
-    chosen_logratios: Tensor,
-    rejected_logratios: Tensor,
-    chosen_token_rewards: Tensor,
-    rejected_token_rewards: Tensor,
-    beta: float = 0.1,
-    alpha: float = 1.0,
-    chosen_mask: Optional[Tensor] = None,
-    rejected_mask: Optional[Tensor] = None,
-) -> Tensor:
+def treg_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, chosen_token_rewards: Tensor,
+              rejected_token_rewards: Tensor, beta: float = 0.1, alpha: float = 1.0,
+              chosen_mask: Optional[Tensor] = None, rejected_mask: Optional[Tensor] = None) -> Tensor:
     """T-REG: DPO + token-reward-weighted likelihood regulariser -> ``[B]``.
 
     ``DPO(sum d_w, sum d_l) + alpha * reg`` with

@@ -117,6 +117,20 @@ def _finish(mean: torch.Tensor, std: torch.Tensor, prev_sample, generator, reduc
     return StepOutput(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std)
 
 
+def _flow_inputs(velocity, sample, sigma, sigma_next, noise_level, prev_sample, validate, upper):
+    """Shared checks and float32 (or wider) casting of a flow step's inputs -> ``(x, v, s, s', a)``."""
+    _check_pair(velocity, sample, prev_sample)
+    s = _per_sample(sigma, sample, "sigma")
+    s_next = _per_sample(sigma_next, sample, "sigma_next")
+    a = _per_sample(noise_level, sample, "noise_level")
+    if validate:
+        check_sigmas(s, s_next)
+        _check_noise_level(noise_level, upper=upper)
+    x = sample.to(s.dtype) if sample.dtype != s.dtype else sample
+    v = velocity.to(s.dtype) if velocity.dtype != s.dtype else velocity
+    return x, v, s, s_next, a
+
+
 def flow_sde_std(sigma: torch.Tensor, sigma_next: torch.Tensor, noise_level: Number) -> torch.Tensor:
     """Per-sample diffusion coefficient ``sigma_t = a * sqrt(s / (1 - s))`` of the Flow-GRPO SDE.
 
@@ -126,66 +140,34 @@ def flow_sde_std(sigma: torch.Tensor, sigma_next: torch.Tensor, noise_level: Num
     return noise_level * torch.sqrt(sigma / (1 - denom_s))
 
 
-def flow_sde_step(
-    velocity: torch.Tensor,
-    sample: torch.Tensor,
-    sigma: Number,
-    sigma_next: Number,
-    noise_level: Number,
-    prev_sample: Optional[torch.Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-    reduction: str = "mean",
-    validate: bool = True,
-) -> StepOutput:
+def flow_sde_step(velocity: torch.Tensor, sample: torch.Tensor, sigma: Number, sigma_next: Number, noise_level: Number,
+                  prev_sample: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+                  reduction: str = "mean", validate: bool = True) -> StepOutput:
     """Flow-GRPO SDE step (ALGORITHMS.md 1.1).
 
     ``mu = x + (v + sigma_t^2 / (2 s) * (x + (1 - s) v)) * (s' - s)``, ``std = sigma_t * sqrt(s - s')``.
     ``noise_level = 0`` reduces to the Euler ODE step. If ``prev_sample`` is given it is scored, not sampled.
     ``validate=False`` skips the host-syncing range checks (callers that validated the schedule once).
     """
-    _check_pair(velocity, sample, prev_sample)
-    s = _per_sample(sigma, sample, "sigma")
-    s_next = _per_sample(sigma_next, sample, "sigma_next")
-    a = _per_sample(noise_level, sample, "noise_level")
-    if validate:
-        check_sigmas(s, s_next)
-        _check_noise_level(noise_level)
+    x, v, s, s_next, a = _flow_inputs(velocity, sample, sigma, sigma_next, noise_level, prev_sample, validate, None)
     sigma_t = flow_sde_std(s, s_next, a)
     dt = s_next - s  # negative
-    x = sample.to(s.dtype) if sample.dtype != s.dtype else sample
-    v = velocity.to(s.dtype) if velocity.dtype != s.dtype else velocity
     drift = v + _bcast(sigma_t**2 / (2 * s), x) * (x + _bcast(1 - s, x) * v)
     mean = x + drift * _bcast(dt, x)
     std = sigma_t * torch.sqrt(-dt)
     return _finish(mean, std, prev_sample, generator, reduction)
 
 
-def cps_step(
-    velocity: torch.Tensor,
-    sample: torch.Tensor,
-    sigma: Number,
-    sigma_next: Number,
-    noise_level: Number,
-    prev_sample: Optional[torch.Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-    reduction: str = "mean",
-    validate: bool = True,
-) -> StepOutput:
+def cps_step(velocity: torch.Tensor, sample: torch.Tensor, sigma: Number, sigma_next: Number, noise_level: Number,
+             prev_sample: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None,
+             reduction: str = "mean", validate: bool = True) -> StepOutput:
     """Coefficient-preserving sampling step (ALGORITHMS.md 1.2), noise level ``a`` in [0, 1].
 
     ``std = s' sin(a pi / 2)``, ``mu = (1 - s') x0_hat + sqrt(s'^2 - std^2) x1_hat`` with
     ``x0_hat = x - s v`` and ``x1_hat = x + (1 - s) v``. The log-prob is the exact Gaussian density
     (the reference code's surrogate ``-mean((x' - mu)^2)`` differs by a per-step constant and scale).
     """
-    _check_pair(velocity, sample, prev_sample)
-    s = _per_sample(sigma, sample, "sigma")
-    s_next = _per_sample(sigma_next, sample, "sigma_next")
-    a = _per_sample(noise_level, sample, "noise_level")
-    if validate:
-        check_sigmas(s, s_next)
-        _check_noise_level(noise_level, upper=1.0)
-    x = sample.to(s.dtype) if sample.dtype != s.dtype else sample
-    v = velocity.to(s.dtype) if velocity.dtype != s.dtype else velocity
+    x, v, s, s_next, a = _flow_inputs(velocity, sample, sigma, sigma_next, noise_level, prev_sample, validate, 1.0)
     std = s_next * torch.sin(a * math.pi / 2)
     x0_hat = x - _bcast(s, x) * v
     x1_hat = x + _bcast(1 - s, x) * v

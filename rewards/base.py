@@ -22,8 +22,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from genalign.registry import Registry
+
 RewardFn = Callable[..., Any]
-_REGISTRY: Dict[str, Callable[..., RewardFn]] = {}
+_REGISTRY = Registry("reward")
 
 
 class RewardError(RuntimeError):
@@ -37,18 +39,11 @@ class RewardError(RuntimeError):
 
 def register_reward(name: str):
     """Decorator registering a reward FACTORY (called with the reward's options, returns the callable)."""
-
-    def wrap(factory):
-        if name in _REGISTRY:
-            raise ValueError(f"reward name {name!r} is already registered")
-        _REGISTRY[name] = factory
-        return factory
-
-    return wrap
+    return _REGISTRY.register(name)
 
 
 def available_rewards() -> List[str]:
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def load_script_function(spec: str) -> RewardFn:
@@ -85,7 +80,7 @@ def load_reward(spec: Union[str, RewardFn], **options) -> RewardFn:
     if spec not in _REGISTRY:
         raise ValueError(f"unknown reward {spec!r}; registered rewards: {available_rewards()} "
                          f"(or give 'path/to/file.py:function')")
-    return _REGISTRY[spec](**options)
+    return _REGISTRY.get(spec)(**options)
 
 
 def _describe(indices: Sequence[int], prompts: Sequence[str], limit: int = 5) -> str:
