@@ -18,7 +18,10 @@ def _cmd_train(args) -> int:
     from .config import load_config
     from .trainer import train
 
-    cfg = load_config(args.config, args.overrides)
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not os.path.isfile(config):  # only overrides, no config file
+        config, overrides = None, [config] + overrides
+    cfg = load_config(config, overrides)
     metrics = train(cfg, resume=args.resume)
     summary = {k: v for k, v in metrics.items() if k.startswith(("eval/", "reward/mean", "epoch", "samples_seen"))}
     print(json.dumps(summary, indent=1))

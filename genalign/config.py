@@ -23,6 +23,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
@@ -32,6 +33,21 @@ import yaml
 
 class ConfigError(ValueError):
     """A config key or value is invalid; the message names the key."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 SafeLoader that also reads ``1e-4`` (no dot) as a float, like YAML 1.2 and Python do."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
 
 
 @dataclass
@@ -316,7 +332,7 @@ def parse_overrides(overrides: List[str]) -> Dict[str, Any]:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.lr=1e-4)")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml.load(raw, Loader=_Loader) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         if isinstance(value, str) and ".py:" in raw:
@@ -345,7 +361,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     if path is not None:
         try:
             with open(path) as fh:
-                data = yaml.safe_load(fh) or {}
+                data = yaml.load(fh, Loader=_Loader) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path!r} does not exist") from None
         except yaml.YAMLError as exc:

@@ -15,7 +15,12 @@ of ``seed``), so every asset set is evaluated on the same held-out digits.
    to convergence on partly random labels gives digit-like samples at a weak prompt accuracy, whereas
    early checkpoints in that accuracy band look like noise). Prompts are dropped (-> empty prompt) with
    probability ``cond_dropout`` so CFG is available. Default sampling (``policy.json``): 10 uniform ODE
-   steps, low guidance; the measured base prompt accuracy goes to ``metrics.json``.
+   steps, guidance 1.5 (low: keeps diversity within a prompt, so GRPO groups have reward variance);
+   the measured base prompt accuracy (~0.55) and its dependence on the guidance scale go to
+   ``metrics.json``. Raising the guidance scale is the training-free baseline that RL must beat.
+
+Reproducibility: identical outputs for the same seed and the same number of torch threads (thread count
+changes float summation order). ``--threads 1`` is much faster than 2 on a machine shared with other jobs.
 
 Prompts: every template below is used in pretraining, with the digit as a word and as a numeral. The
 RL prompt files use disjoint phrasings: ``prompts_train.txt`` (TRAIN_TEMPLATES) and
@@ -44,7 +49,7 @@ EVAL_TEMPLATES = ("the number {w}", "a handwritten digit {n}")
 EXTRA_TEMPLATES = ("digit {w}", "an image of the digit {w}", "a picture of a handwritten {n}",
                    "the numeral {n}", "write a {w}", "draw the number {n}")
 ALL_TEMPLATES = TRAIN_TEMPLATES + EVAL_TEMPLATES + EXTRA_TEMPLATES
-DEFAULT_SAMPLING = {"num_steps": 10, "guidance_scale": 1.0, "noise_level": 0.0, "shift": 1.0}
+DEFAULT_SAMPLING = {"num_steps": 10, "guidance_scale": 1.5, "noise_level": 0.0, "shift": 1.0}
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -103,9 +108,10 @@ def load_split() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 def _shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 1) -> torch.Tensor:
     """Random translation by up to ``max_shift`` pixels (background -1 fills the border)."""
     n, _, h, w = x.shape
+    k = 2 * max_shift + 1
     pad = F.pad(x, [max_shift] * 4, value=-1.0)
-    dx, dy = (torch.randint(0, 2 * max_shift + 1, (2, n), generator=g)).tolist()
-    return torch.stack([pad[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    shifted = torch.stack([pad[:, :, dy:dy + h, dx:dx + w] for dy in range(k) for dx in range(k)])
+    return shifted[torch.randint(0, k * k, (n,), generator=g), torch.arange(n)]
 
 
 def _cosine_lr(step: int, total: int, warmup: int) -> float:
@@ -115,7 +121,7 @@ def _cosine_lr(step: int, total: int, warmup: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- training
-def train_classifier(x_tr, y_tr, x_te, y_te, seed: int = 0, epochs: int = 30, batch_size: int = 64, lr: float = 2e-3,
+def train_classifier(x_tr, y_tr, x_te, y_te, seed: int = 0, epochs: int = 20, batch_size: int = 64, lr: float = 2e-3,
                      log=print):
     """Train the reward CNN; returns ``(classifier, held_out_accuracy)``."""
     from genalign.rewards.digits import DigitClassifier
@@ -220,7 +226,7 @@ def prompt_accuracy(policy, classifier, prompts: Sequence[str], num_per_prompt: 
 
 
 # ---------------------------------------------------------------------------------------------- entry points
-def pretrain(out_dir: str, seed: int = 0, generator_steps: int = 4000, classifier_epochs: int = 30,
+def pretrain(out_dir: str, seed: int = 0, generator_steps: int = 4000, classifier_epochs: int = 20,
              label_noise: float = 0.4, guidance_scale: float = DEFAULT_SAMPLING["guidance_scale"],
              num_steps: int = DEFAULT_SAMPLING["num_steps"], log=print) -> dict:
     """Train classifier + generator and write the asset directory ``out_dir``; returns the metrics."""
@@ -275,7 +281,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--label-noise", type=float, default=0.4, help="fraction of prompts naming a random digit")
     parser.add_argument("--guidance-scale", type=float, default=DEFAULT_SAMPLING["guidance_scale"],
                         help="default CFG scale written to policy.json")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     pretrain(args.out, seed=args.seed, generator_steps=args.generator_steps, label_noise=args.label_noise,
              guidance_scale=args.guidance_scale)
     return 0

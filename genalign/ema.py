@@ -9,7 +9,8 @@ import torch
 
 
 class EMA:
-    """``ema = decay * ema + (1 - decay) * param`` every ``every`` optimizer steps."""
+    """``ema = d * ema + (1 - d) * param`` every ``every`` optimizer steps, with the warm-up
+    ``d = min(decay, (1 + n) / (10 + n))`` (n = updates so far), so early EMAs follow the weights."""
 
     def __init__(self, params: List[torch.nn.Parameter], decay: float, every: int):
         self.params = list(params)
@@ -21,7 +22,8 @@ class EMA:
     def step(self, optimizer_step: int) -> None:
         if optimizer_step % self.every:
             return
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - self.decay)
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
         self.num_updates += 1
 
     @contextlib.contextmanager

@@ -85,6 +85,8 @@ def save_lora(policy, out_dir: str, base_model: str) -> None:
         import diffusers
 
         pipeline_cls = getattr(diffusers, name)
+        if not hasattr(pipeline_cls, "save_lora_weights"):  # e.g. DDPMPolicy loads through DiffusionPipeline
+            pipeline_cls = type(policy.pipe)
         key = "unet_lora_layers" if getattr(policy, "denoiser_name", "transformer") == "unet" else "transformer_lora_layers"
         pipeline_cls.save_lora_weights(out_dir, **{key: state})
 

@@ -70,6 +70,9 @@ class Trainer:
         # data and reward first: cheap to fail early on bad input
         self.prompts = read_prompts(cfg.prompts_file)
         self.eval_prompts = read_prompts(cfg.eval_prompts_file) if cfg.eval_prompts_file else []
+        if self.eval_prompts and len(self.eval_prompts) * cfg.eval.num_per_prompt < self.world:
+            raise ConfigError(f"{len(self.eval_prompts)} eval prompts x eval.num_per_prompt = {cfg.eval.num_per_prompt} "
+                              f"images cannot be shared by {self.world} processes (each needs at least one)")
         from genalign.rewards import RewardSet
 
         options = {k: dict(v) for k, v in cfg.reward_options.items()}
@@ -378,9 +381,11 @@ class Trainer:
         with ctx:
             images = self.sample_images(mine, _seed(e.seed, self.rank), e.num_steps or self.cfg.sampling.num_steps)
         total, parts = self.reward_fn(images, mine, [{"eval": True} for _ in mine])
-        out = {"eval/reward": self.acc.gather(total.to(self.device)).mean().item()}
+        # processes may hold different numbers of eval images (a gather needs equal sizes): reduce sums and counts
+        count = self.acc.reduce(torch.tensor(float(len(mine)), device=self.device), "sum")
+        out = {"eval/reward": (self.acc.reduce(total.sum().to(self.device), "sum") / count).item()}
         for k, v in parts.items():
-            out[f"eval/{k}"] = self.acc.gather(v.to(self.device)).mean().item()
+            out[f"eval/{k}"] = (self.acc.reduce(v.sum().to(self.device), "sum") / count).item()
         if save_before and self.is_main:
             from safetensors.torch import save_file
 

@@ -228,16 +228,30 @@ class DiffusersPolicy:
                 f"with {type(self).__name__}.cond_from_embeds(...) instead of encode()"
             )
 
-    def _encode(self, prompts: List[str]) -> Dict[str, Optional[torch.Tensor]]:
-        """Keyword arguments of :meth:`cond_from_embeds` for ``prompts`` (runs under no_grad)."""
+    def _encode(self, prompts: List[str], negative: bool = True) -> Dict[str, Optional[torch.Tensor]]:
+        """Keyword arguments of :meth:`cond_from_embeds` for ``prompts`` (runs under no_grad); the
+        ``negative_*`` ones (the pipeline's negative for the empty prompt) only when CFG is on and ``negative``."""
         raise NotImplementedError
+
+    _negative_cache: Optional[Dict[str, torch.Tensor]] = None
+
+    def _negative_embeds(self) -> Dict[str, torch.Tensor]:
+        """``negative_*`` embeddings of batch 1, encoded once: the negative (empty) prompt and the frozen text
+        encoders never change, so re-encoding it for every batch would only repeat work."""
+        if self._negative_cache is None:
+            out = self._encode([""], negative=True)
+            self._negative_cache = {k: v for k, v in out.items() if k.startswith("negative_") and v is not None}
+        return self._negative_cache
 
     @torch.no_grad()
     def encode(self, prompts: List[str]) -> Cond:
         """Encode prompts -> batch-first conditioning (with the empty negative prompt when CFG is on)."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        return self.cond_from_embeds(**self._encode(list(prompts)))
+        embeds = self._encode(list(prompts), negative=False)
+        if self.uses_cfg:
+            embeds.update(self._negative_embeds())  # batch 1, repeated to the batch by cond_from_embeds
+        return self.cond_from_embeds(**embeds)
 
     # ---------------------------------------------------------------- noise / forward
     def initial_latents(self, batch_size: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:

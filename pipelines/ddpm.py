@@ -50,16 +50,16 @@ class DDPMPolicy(DiffusersPolicy):
 
         return DDIMScheduler.from_config(self.pipe.scheduler.config)
 
-    def _encode(self, prompts: List[str]) -> Dict[str, Optional[torch.Tensor]]:
+    def _encode(self, prompts: List[str], negative: bool = True) -> Dict[str, Optional[torch.Tensor]]:
         if self.is_sdxl:
             self._require_text_encoders("text_encoder_2")
             pe, npe, ppe, nppe = self.pipe.encode_prompt(
                 prompt=prompts, device=self.device, num_images_per_prompt=1,
-                do_classifier_free_guidance=self.uses_cfg)
+                do_classifier_free_guidance=self.uses_cfg and negative)
             return dict(prompt_embeds=pe, pooled_prompt_embeds=ppe, negative_prompt_embeds=npe,
                         negative_pooled_prompt_embeds=nppe)
         self._require_text_encoders("text_encoder")
-        pe, npe = self.pipe.encode_prompt(prompts, self.device, 1, self.uses_cfg)
+        pe, npe = self.pipe.encode_prompt(prompts, self.device, 1, self.uses_cfg and negative)
         return dict(prompt_embeds=pe, negative_prompt_embeds=npe)
 
     def schedule(self, num_steps: int) -> Tuple[torch.Tensor, torch.Tensor]:

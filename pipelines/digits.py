@@ -191,10 +191,11 @@ class DigitsPolicy:
 
         path = resolve_digits_dir(path_or_name, required=(POLICY_CONFIG, ENCODER_CONFIG, ENCODER_WEIGHTS, TRANSFORMER_DIR))
         dev = resolve_device(device)
-        transformer = SD3Transformer2DModel.from_pretrained(os.path.join(path, TRANSFORMER_DIR))
+        transformer = SD3Transformer2DModel.from_pretrained(os.path.join(path, TRANSFORMER_DIR),
+                                                            torch_dtype=dtype or torch.float32)
         encoder = PromptEncoder(**_load_json(os.path.join(path, ENCODER_CONFIG)))
         encoder.load_state_dict(load_file(os.path.join(path, ENCODER_WEIGHTS)))
-        transformer.to(dev, dtype=dtype or torch.float32)
+        transformer.to(dev)
         encoder.to(dev)
         return cls(transformer, encoder, _load_json(os.path.join(path, POLICY_CONFIG)), guidance_scale=guidance_scale)
 

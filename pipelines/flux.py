@@ -86,11 +86,11 @@ class FluxPolicy(DiffusersPolicy):
     def _vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return unpack_latents(latents, *self.latent_size)
 
-    def _encode(self, prompts: List[str]) -> Dict[str, Optional[torch.Tensor]]:
+    def _encode(self, prompts: List[str], negative: bool = True) -> Dict[str, Optional[torch.Tensor]]:
         self._require_text_encoders("text_encoder", "text_encoder_2")
         out = dict(zip(("prompt_embeds", "pooled_prompt_embeds"), self.pipe.encode_prompt(
             prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length)[:2]))
-        if self.uses_cfg:
+        if self.uses_cfg and negative:
             neg = self.pipe.encode_prompt(prompt=[""] * len(prompts), prompt_2=None, device=self.device,
                                           max_sequence_length=self.max_sequence_length)
             out.update(negative_prompt_embeds=neg[0], negative_pooled_prompt_embeds=neg[1])

@@ -37,11 +37,11 @@ class SD3Policy(DiffusersPolicy):
         self.resolution_multiple_extra = int(pipe.transformer.config.patch_size)
         super().__init__(pipe, guidance_scale=guidance_scale, device=device, dtype=dtype, height=height, width=width)
 
-    def _encode(self, prompts: List[str]) -> Dict[str, Optional[torch.Tensor]]:
+    def _encode(self, prompts: List[str], negative: bool = True) -> Dict[str, Optional[torch.Tensor]]:
         self._require_text_encoders("text_encoder", "text_encoder_2")
         pe, npe, ppe, nppe = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
-            do_classifier_free_guidance=self.uses_cfg, max_sequence_length=self.max_sequence_length,
+            do_classifier_free_guidance=self.uses_cfg and negative, max_sequence_length=self.max_sequence_length,
         )
         return dict(prompt_embeds=pe, pooled_prompt_embeds=ppe, negative_prompt_embeds=npe,
                     negative_pooled_prompt_embeds=nppe)

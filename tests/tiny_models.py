@@ -1,8 +1,10 @@
 """Tiny random diffusers pipelines built offline from config objects (no downloads).
 
 Sizes follow diffusers' own ``get_dummy_components`` test helpers. Every builder seeds torch so two
-calls give identical weights. Text encoders are None unless asked for; conditioning is then built from
-random embeddings with :func:`random_embeds` and the policy's ``cond_from_embeds``.
+calls give identical weights. Text encoders (tiny CLIP / T5 with offline tokenizers) are None unless asked
+for (``with_text_encoders=True``; built after the denoiser and VAE, so those weights do not depend on it).
+Without text encoders, conditioning is built from random embeddings with :func:`random_embeds` and the
+policy's ``cond_from_embeds``.
 """
 
 from __future__ import annotations
@@ -65,6 +67,33 @@ def tiny_clip_encoder(with_projection: bool = True, vocab_size: int = 514, max_l
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
+T5_DIM = 32
+
+
+def tiny_t5_tokenizer(max_length: int = 512):
+    """SentencePiece-style (Unigram) T5 tokenizer from an in-memory vocabulary: one piece per printable ASCII
+    character, with and without the word-start marker; ``<pad>`` = 0, ``</s>`` = 1, ``<unk>`` = 2, no extra ids."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    chars = string.ascii_letters + string.digits + string.punctuation
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+def tiny_t5_encoder(vocab_size: int = 4 + 2 * 94, d_model: int = T5_DIM):
+    """T5EncoderModel, d_model 32, 2 layers, 4 heads, no dropout (relative position buckets: any sequence length)."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, feed_forward_proj="relu",
+                      is_encoder_decoder=False)
+    return T5EncoderModel(config)
+
+
 def tiny_sd3(with_text_encoders: bool = False, seed: int = 0):
     """StableDiffusion3Pipeline: SD3Transformer2DModel patch 2, 2 layers; optional 2 tiny CLIP encoders (no T5)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -86,8 +115,9 @@ def tiny_sd3(with_text_encoders: bool = False, seed: int = 0):
     )
 
 
-def tiny_flux(guidance_embeds: bool = True, seed: int = 0):
-    """FluxPipeline without text encoders: 1 double + 2 single blocks, rope axes (4, 6, 6), 4 latent channels."""
+def tiny_flux(guidance_embeds: bool = True, seed: int = 0, with_text_encoders: bool = False):
+    """FluxPipeline: 1 double + 2 single blocks, rope axes (4, 6, 6), 4 latent channels; optional tiny text
+    encoders (pooled CLIPTextModel hidden 32 as ``text_encoder``, T5EncoderModel d_model 32 as ``text_encoder_2``)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     torch.manual_seed(seed)
@@ -99,10 +129,12 @@ def tiny_flux(guidance_embeds: bool = True, seed: int = 0):
     scheduler = FlowMatchEulerDiscreteScheduler(
         use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
     )
-    return FluxPipeline(
-        transformer=transformer, vae=tiny_vae(shift_factor=0.1159, scaling_factor=0.3611), scheduler=scheduler,
-        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-    )
+    vae = tiny_vae(shift_factor=0.1159, scaling_factor=0.3611)
+    encoders = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    if with_text_encoders:
+        encoders = dict(text_encoder=tiny_clip_encoder(with_projection=False), tokenizer=tiny_clip_tokenizer(),
+                        text_encoder_2=tiny_t5_encoder(), tokenizer_2=tiny_t5_tokenizer())
+    return FluxPipeline(transformer=transformer, vae=vae, scheduler=scheduler, **encoders)
 
 
 def _tiny_unet(sdxl: bool):
@@ -129,15 +161,19 @@ def _ddim_scheduler(prediction_type: str):
                          set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
 
 
-def tiny_sd(prediction_type: str = "epsilon", seed: int = 0):
-    """StableDiffusionPipeline (SD1.x layout) without text encoder: tiny UNet, cross-attention dim 32."""
+def tiny_sd(prediction_type: str = "epsilon", seed: int = 0, with_text_encoders: bool = False):
+    """StableDiffusionPipeline (SD1.x layout): tiny UNet, cross-attention dim 32; optional tiny CLIPTextModel
+    (hidden 32, byte-level tokenizer of 16 tokens)."""
     from diffusers import StableDiffusionPipeline
 
     torch.manual_seed(seed)
+    unet, vae = _tiny_unet(sdxl=False), tiny_vae()
+    encoders = dict(text_encoder=None, tokenizer=None)
+    if with_text_encoders:
+        encoders = dict(text_encoder=tiny_clip_encoder(with_projection=False), tokenizer=tiny_clip_tokenizer())
     return StableDiffusionPipeline(
-        unet=_tiny_unet(sdxl=False), vae=tiny_vae(), scheduler=_ddim_scheduler(prediction_type),
-        text_encoder=None, tokenizer=None, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
+        unet=unet, vae=vae, scheduler=_ddim_scheduler(prediction_type),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False, **encoders,
     )
 
 
