@@ -56,7 +56,7 @@ def sample_to_dir(model: str, prompts: List[str], num_per_prompt: int, seed: int
     policy = load_policy(model, device=device, guidance_scale=guidance_scale)
     if lora:
         load_lora(policy, lora)
-    steps = num_steps or getattr(policy, "default_num_steps", 28)
+    steps = num_steps or getattr(policy, "num_steps", None) or 28  # the adapter's default (digits: 10)
     jobs = [(p, seed + i) for i, p in enumerate(pp for pp in prompts for _ in range(num_per_prompt))]
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "manifest.jsonl"), "w") as manifest, torch.no_grad():

@@ -22,7 +22,10 @@ def plot_metrics(metrics_path: str, out_png: str, keys: Optional[Sequence[str]] 
 
     rows = read_metrics(metrics_path)
     if keys is None:
-        keys = ["reward/mean"] + sorted({k for r in rows for k in r if k.startswith("eval/")})
+        evals = sorted({k for r in rows for k in r if k.startswith("eval/")})
+        if len([k for k in evals if "." not in k]) == 2:  # one reward: eval/reward duplicates eval/<name>
+            evals.remove("eval/reward")
+        keys = ["reward/mean"] + evals
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
         pts = [(r["samples_seen"], r[key]) for r in rows if key in r and "samples_seen" in r]

@@ -124,7 +124,8 @@ class PromptEncoder(nn.Module):
                     f"Known words: {' '.join(self.vocab[1:])}"
                 )
             if len(words) > self.max_words:
-                raise ValueError(f"prompt {prompt!r} has {len(words)} words; the digits encoder takes at most {self.max_words}")
+                raise ValueError(f"prompt {prompt!r} has {len(words)} words; the digits encoder takes at most "
+                                 f"{self.max_words}")
             ids[i, : len(words)] = torch.tensor([self.word_to_id[w] for w in words], dtype=torch.long)
         return ids
 
@@ -168,7 +169,8 @@ class DigitsPolicy:
         self.transformer = transformer
         self.prompt_encoder = prompt_encoder
         self.config = dict(config or {})
-        self.guidance_scale = float(guidance_scale if guidance_scale is not None else self.config.get("guidance_scale", 1.0))
+        default_scale = self.config.get("guidance_scale", 1.0)
+        self.guidance_scale = float(guidance_scale if guidance_scale is not None else default_scale)
         self.num_steps = int(self.config.get("num_steps", 10))
         self.noise_level = float(self.config.get("noise_level", 0.0))
         self.shift = float(self.config.get("shift", 1.0))
@@ -189,7 +191,8 @@ class DigitsPolicy:
         from diffusers import SD3Transformer2DModel
         from safetensors.torch import load_file
 
-        path = resolve_digits_dir(path_or_name, required=(POLICY_CONFIG, ENCODER_CONFIG, ENCODER_WEIGHTS, TRANSFORMER_DIR))
+        required = (POLICY_CONFIG, ENCODER_CONFIG, ENCODER_WEIGHTS, TRANSFORMER_DIR)
+        path = resolve_digits_dir(path_or_name, required=required)
         dev = resolve_device(device)
         transformer = SD3Transformer2DModel.from_pretrained(os.path.join(path, TRANSFORMER_DIR),
                                                             torch_dtype=dtype or torch.float32)

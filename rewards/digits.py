@@ -96,14 +96,15 @@ class DigitCorrectReward:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: List[str], metadata=None) -> torch.Tensor:
-        """``images [N, 3, H, W]`` in ``[0, 1]`` -> ``[N]`` probabilities of each prompt's digit."""
+        """``images [N, 3, H, W]`` in ``[0, 1]`` -> ``{"score": [N] probability of each prompt's digit,
+        "accuracy": [N] 1.0 where the classifier's argmax is the prompted digit}`` (the score is the reward)."""
         from genalign.digits import prompt_digit
 
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
         target = torch.tensor([prompt_digit(p) for p in prompts], device=self.device)
         probs = self.classifier.classify(images.to(self.device)).softmax(-1)
-        return probs.gather(1, target[:, None])[:, 0]
+        return {"score": probs.gather(1, target[:, None])[:, 0], "accuracy": (probs.argmax(-1) == target).float()}
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:

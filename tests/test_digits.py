@@ -130,8 +130,9 @@ def test_reward_on_real_digits():
     right = [f"the digit {d}" for d in y_tr[:64].tolist()]
     wrong = [f"the digit {(d + 1) % 10}" for d in y_tr[:64].tolist()]
     reward = DigitCorrectReward(model_dir="digits")
-    assert reward(images=images, prompts=right, metadata=None).mean() > 0.9
-    assert reward(images=images, prompts=wrong, metadata=None).mean() < 0.1
+    good, bad = reward(images=images, prompts=right, metadata=None), reward(images=images, prompts=wrong, metadata=None)
+    assert good["score"].mean() > 0.9 and good["accuracy"].mean() > 0.9
+    assert bad["score"].mean() < 0.1 and bad["accuracy"].mean() < 0.1
     big = torch.nn.functional.interpolate(images, size=(32, 32), mode="nearest")
-    assert torch.allclose(digit_correct(big, right, None), reward(images=images, prompts=right))
+    assert torch.allclose(digit_correct(big, right, None)["score"], reward(images=images, prompts=right)["score"])
     assert reward.features(images).shape == (64, 128)

@@ -21,7 +21,8 @@ def test_trainer_and_llm_step_share_policy_loss(monkeypatch, policy, sd3_dir, pr
     trainer = make_trainer(sd3_dir, tmp_path / "run", prompts_file)
     trainer.train()
     diffusion_calls = len(calls)
-    assert diffusion_calls == len(trainer.trainable_steps())  # one call per trained denoising step ("token")
+    micro_batches = trainer.cfg.samples_per_epoch // trainer.cfg.train.batch_size
+    assert diffusion_calls == micro_batches * len(trainer.trainable_steps())  # one call per micro-batch and step
 
     pol = _fresh(policy)
     batch = pol.generate(PROMPTS, max_new_tokens=4, num_return_sequences=2, seed=0)
