@@ -1,4 +1,4 @@
-"""``genalign`` command line: train, sample, pretrain-digits, config (grid and eval: not yet available)."""
+"""``genalign`` command line: train, sample, grid, eval, plot, pretrain-digits, config."""
 
 from __future__ import annotations
 
@@ -7,11 +7,6 @@ import json
 import os
 import sys
 from typing import List, Optional
-
-NOT_YET = {
-    "grid": "comparison grids (rows = prompts, columns = checkpoints / RLG strengths)",
-    "eval": "evaluation with bootstrap confidence intervals and win rates",
-}
 
 
 def _cmd_train(args) -> int:
@@ -35,54 +30,21 @@ def _cmd_config(args) -> int:
     return 0
 
 
-def _seeded_latents(policy, seeds: List[int]):
-    import torch
-
-    return torch.cat([policy.initial_latents(1, torch.Generator(policy.device).manual_seed(s)) for s in seeds])
-
-
-def sample_to_dir(model: str, prompts: List[str], num_per_prompt: int, seed: int, out: str, lora: Optional[str] = None,
-                  num_steps: Optional[int] = None, guidance_scale: Optional[float] = None, batch_size: int = 32,
-                  device: Optional[str] = None) -> str:
-    """Generate ``num_per_prompt`` ODE samples per prompt; image i uses seed ``seed + i`` (reproducible
-    one by one). Writes PNGs and ``manifest.jsonl`` lines ``{"file", "prompt", "seed"}``."""
-    import torch
-    from PIL import Image
-
-    from .lora import load_lora
-    from .pipelines import load_policy
-    from .rollout import rollout
-
-    policy = load_policy(model, device=device, guidance_scale=guidance_scale)
-    if lora:
-        load_lora(policy, lora)
-    steps = num_steps or getattr(policy, "num_steps", None) or 28  # the adapter's default (digits: 10)
-    jobs = [(p, seed + i) for i, p in enumerate(pp for pp in prompts for _ in range(num_per_prompt))]
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "manifest.jsonl"), "w") as manifest, torch.no_grad():
-        for start in range(0, len(jobs), batch_size):
-            chunk = jobs[start:start + batch_size]
-            chunk_prompts = [p for p, _ in chunk]
-            latents = _seeded_latents(policy, [s for _, s in chunk])
-            traj = rollout(policy, policy.encode(chunk_prompts), chunk_prompts, steps, 0.0,
-                           "ddim" if policy.kind == "ddpm" else "sde", latents=latents)
-            images = policy.decode(traj.final).clamp(0, 1)
-            for k, ((prompt, s), img) in enumerate(zip(chunk, images)):
-                name = f"{start + k:05d}.png"
-                arr = (img * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-                Image.fromarray(arr).save(os.path.join(out, name))
-                manifest.write(json.dumps({"file": name, "prompt": prompt, "seed": s}) + "\n")
-    return out
-
-
-def _cmd_sample(args) -> int:
+def _prompts(args) -> List[str]:
     from .prompts import read_prompts
 
     prompts = read_prompts(args.prompts_file) if args.prompts_file else list(args.prompt)
     if not prompts:
-        raise SystemExit("genalign sample: give --prompts-file FILE or --prompt TEXT")
+        raise SystemExit(f"genalign {args.command}: give --prompts-file FILE or --prompt TEXT")
+    return prompts
+
+
+def _cmd_sample(args) -> int:
+    from .sampling import sample_to_dir
+
+    prompts = _prompts(args)
     out = sample_to_dir(args.model, prompts, args.num_per_prompt, args.seed, args.out, args.lora, args.steps,
-                        args.guidance_scale, args.batch_size, args.device)
+                        args.guidance_scale, args.batch_size, args.device, rlg=args.rlg)
     print(f"wrote {len(prompts) * args.num_per_prompt} images and manifest.jsonl to {out}")
     return 0
 
@@ -93,12 +55,47 @@ def _cmd_pretrain_digits(args) -> int:
     return digits_main(args.rest) or 0
 
 
-def _not_yet(name: str):
-    def run(args) -> int:
-        print(f"genalign {name}: {NOT_YET[name]} is not yet available in this version.", file=sys.stderr)
-        return 2
+def _cmd_grid(args) -> int:
+    from .grid import make_grid
 
-    return run
+    data = make_grid(args.model, _prompts(args), args.seeds, args.out, args.lora, args.rewards, args.rlg, args.steps,
+                     args.guidance_scale, args.device, args.batch_size)
+    html_path = os.path.splitext(args.out)[0] + ".html"
+    print(f"wrote {len(data.rows)} rows x {len(data.columns)} columns "
+          f"({', '.join(c.label for c in data.columns)}) to {args.out} and {html_path}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .evaluate import evaluate, to_markdown, write_eval
+
+    baseline = args.baseline_lora or args.baseline
+    result = evaluate(args.model, _prompts(args), args.rewards, args.num_per_prompt, args.seed, args.lora, baseline,
+                      args.steps, args.guidance_scale, args.device, args.batch_size, args.resamples)
+    json_path, _ = write_eval(result, args.out)
+    print(to_markdown(result).split("\n## ")[0])
+    print(f"wrote {json_path} and eval.md")
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from .plots import plot_metrics
+
+    run_dir = args.run_dir if os.path.isdir(args.run_dir) else os.path.dirname(args.run_dir) or "."
+    out = args.out or os.path.join(run_dir, "curves.png")
+    plot_metrics(args.run_dir, out, args.keys or None)
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser, prompt_help: str = "a prompt (repeatable)") -> None:
+    p.add_argument("--model", default="digits", help="'digits', a hub id or a local diffusers directory")
+    p.add_argument("--prompts-file", default=None, help="one prompt per line ('digits:NAME' = a shipped list)")
+    p.add_argument("--prompt", action="append", default=[], help=prompt_help)
+    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the model's)")
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,19 +108,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
     p.set_defaults(func=_cmd_train)
 
+    lora_help = "a LoRA directory, a checkpoint or a run directory"
     p = sub.add_parser("sample", help="generate images (PNG + manifest.jsonl)")
-    p.add_argument("--model", default="digits", help="'digits', a hub id or a local diffusers directory")
-    p.add_argument("--prompts-file", default=None)
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    _add_model_args(p)
     p.add_argument("--num-per-prompt", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
-    p.add_argument("--lora", default=None, help="a LoRA directory, a checkpoint or a run directory")
-    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the model's)")
-    p.add_argument("--guidance-scale", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default=None)
+    p.add_argument("--lora", default=None, help=lora_help)
+    p.add_argument("--rlg", type=float, default=None, metavar="W",
+                   help="alignment strength: v_base + W (v_lora - v_base); 0 = base, 1 = the LoRA (needs --lora)")
     p.set_defaults(func=_cmd_sample)
+
+    p = sub.add_parser("grid", help="comparison grid: rows = prompts x seeds, columns = checkpoints / RLG strengths")
+    _add_model_args(p)
+    p.add_argument("--lora", action="append", default=[], help=f"{lora_help} (repeatable: one column each)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per prompt (same noise in every column)")
+    p.add_argument("--rewards", nargs="*", default=[], help="rewards captioned under each image, e.g. digit_correct")
+    p.add_argument("--rlg", type=float, nargs="*", default=[], metavar="W",
+                   help="RLG strengths: one extra column per LoRA and strength")
+    p.add_argument("--out", required=True, help="grid PNG; the HTML page goes next to it (same basename)")
+    p.set_defaults(func=_cmd_grid)
+
+    p = sub.add_parser("eval", help="reward means, bootstrap CIs and paired win rates (eval.json, eval.md)")
+    _add_model_args(p)
+    p.add_argument("--lora", default=None, help=f"the checkpoint to evaluate: {lora_help} (default: the base model)")
+    base = p.add_mutually_exclusive_group()
+    base.add_argument("--baseline-lora", default=None, help="compare against this LoRA (paired, same seeds)")
+    base.add_argument("--baseline", choices=["base"], default=None, help="compare against the base model")
+    p.add_argument("--rewards", nargs="+", required=True, help="reward names or file.py:function specs")
+    p.add_argument("--num-per-prompt", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i (checkpoint and baseline alike)")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (fixed seed 0)")
+    p.add_argument("--out", required=True, help="directory for eval.json and eval.md")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("plot", help="learning curves of a run's metrics.jsonl")
+    p.add_argument("run_dir", help="a run directory or a metrics.jsonl file")
+    p.add_argument("--keys", nargs="+", default=None, help="metric keys or globs (default: reward/mean and eval/*)")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png)")
+    p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("pretrain-digits", help="train the shipped digits model and classifier from scratch")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="--out DIR [--seed S]")
@@ -132,10 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="list every config key with its default and documentation")
     p.set_defaults(func=_cmd_config)
 
-    for name, what in NOT_YET.items():
-        p = sub.add_parser(name, help=f"{what} (not yet available)")
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=_not_yet(name))
     return parser
 
 
@@ -145,7 +164,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"genalign {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

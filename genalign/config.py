@@ -86,6 +86,16 @@ class SamplingConfig:
     """Reduce per-element Gaussian log-densities by 'mean' (Flow-GRPO's, default) or 'sum' (true density)."""
     async_rewards: bool = False
     """Score a batch in a background thread while the next batch is sampled."""
+    window: Optional[Dict[str, Any]] = None
+    """SDE window (only its steps are stochastic and trained; ODE elsewhere): null, ``{kind: fast, size: 2,
+    max_start: null}`` (Flow-GRPO-Fast: start drawn per group in [0, max_start], null = T//2 - size) or
+    ``{kind: mixgrpo, size: 4, shift_every: 25}`` (start slides by one step every shift_every epochs,
+    wrapping). Windows lie within the trainable steps (see train.timestep_fraction)."""
+    branching: Optional[Dict[str, Any]] = None
+    """TempFlow-GRPO branching: null or ``{seeds: N, branches: K, steps: all | [j, ...] | n}``. Per prompt
+    and seed an ODE main trajectory; at each branching step j (all trainable steps, a list, or n drawn at
+    random per seed) K branches take one SDE step from x_j and continue by ODE. Needs
+    group_size = seeds * branches * (number of branching steps)."""
 
 
 @dataclass
@@ -150,6 +160,13 @@ class TrainConfig:
     """Update the EMA every this many optimizer steps."""
     gradient_checkpointing: bool = False
     """Enable gradient checkpointing in the denoiser (saves activation memory)."""
+    step_weighting: str = "none"
+    """Per-step policy-loss weights: 'none', 'noise_aware' (TempFlow: w_j = s_j / mean_k s_k with
+    s_j = sigma_t(j) sqrt(dt_j), mean over the trainable steps) or 'inverse_dt' (GRPO-Guard: 1/dt_j,
+    normalised to mean 1 over the trainable steps)."""
+    ratio_norm: bool = False
+    """GRPO-Guard RatioNorm: log r_hat = (logp - logp_old + bias) * std with
+    bias = reduce_e((mu - mu_old)^2) / (2 std^2), i.e. reduce_e(eps * dmu) (see genalign.methods)."""
 
 
 @dataclass
@@ -194,6 +211,9 @@ class Config:
     """accelerate mixed precision: no, bf16 or fp16 (step math stays float32)."""
     log_with: List[str] = field(default_factory=list)
     """accelerate trackers to log to as well (tensorboard, wandb), when installed."""
+    method: Optional[str] = None
+    """Method preset (see METHOD_PRESETS): flow_grpo, flow_grpo_fast, tempflow_grpo, grpo_guard or mixgrpo.
+    It sets defaults of sampling.window / sampling.branching / train.*; explicit keys override it."""
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -232,6 +252,18 @@ class Config:
             raise ConfigError(f"train.kl_beta must be >= 0, got {t.kl_beta}")
         if not 0 <= t.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+        _choice("train.step_weighting", t.step_weighting, ["none", "noise_aware", "inverse_dt"])
+        if self.method is not None:
+            _choice("method", self.method, sorted(METHOD_PRESETS))
+        window, branching = self.window_spec(), self.branching_spec()
+        if window and branching:
+            raise ConfigError("sampling.window and sampling.branching cannot both be set (branching has its own "
+                              "one-step SDE windows)")
+        if branching:
+            need = branching["seeds"] * branching["branches"] * branching["num_steps"]
+            if s.group_size != need:
+                raise ConfigError(f"sampling.group_size must equal sampling.branching seeds * branches * number of "
+                                  f"branching steps = {need} (images per prompt), got {s.group_size}")
         n = self.samples_per_epoch
         if n % (world_size * s.batch_size):
             raise ConfigError(
@@ -243,6 +275,79 @@ class Config:
                 f"samples per epoch ({n}) must split into train.num_minibatches = {t.num_minibatches} optimizer steps "
                 f"whose samples ({n / t.num_minibatches:g}) are divisible by world_size * train.batch_size = "
                 f"{world_size} * {t.batch_size}")
+
+
+    def trainable_steps(self) -> List[int]:
+        """Steps a full-SDE rollout trains: the first ``max(1, int(timestep_fraction * n))`` of its n
+        stochastic steps (all steps, minus the last when ``sampling.last_step_deterministic``)."""
+        s = self.sampling
+        n = s.num_steps - int(s.last_step_deterministic)
+        return list(range(max(1, int(self.train.timestep_fraction * n)))) if n > 0 and s.noise_level > 0 else []
+
+    def window_spec(self) -> Optional[Dict[str, Any]]:
+        """``sampling.window`` with defaults filled in and checked: ``{kind, size, max_start | shift_every}``."""
+        w = self.sampling.window
+        if w is None:
+            return None
+        kind = w.get("kind")
+        _choice("sampling.window.kind", kind, sorted(WINDOW_DEFAULTS))
+        spec = {"kind": kind, **WINDOW_DEFAULTS[kind]}
+        for key, value in w.items():
+            if key not in spec:
+                raise ConfigError(f"unknown key sampling.window.{key} for kind {kind!r}; valid: {sorted(spec)}")
+            spec[key] = value
+        n = len(self.trainable_steps())
+        if not isinstance(spec["size"], int) or not 1 <= spec["size"] <= n:
+            raise ConfigError(f"sampling.window.size must be an int in [1, {n}] (trainable steps), got {spec['size']!r}")
+        if kind == "fast":
+            if spec["max_start"] is None:
+                spec["max_start"] = max(0, self.sampling.num_steps // 2 - spec["size"])
+            if not isinstance(spec["max_start"], int) or not 0 <= spec["max_start"] <= n - spec["size"]:
+                raise ConfigError(f"sampling.window.max_start must be an int in [0, {n - spec['size']}], "
+                                  f"got {spec['max_start']!r}")
+        elif not isinstance(spec["shift_every"], int) or spec["shift_every"] < 1:
+            raise ConfigError(f"sampling.window.shift_every must be an int >= 1, got {spec['shift_every']!r}")
+        return spec
+
+    def branching_spec(self) -> Optional[Dict[str, Any]]:
+        """``sampling.branching`` checked: ``{seeds, branches, steps: 'all' | list | int, num_steps}``."""
+        b = self.sampling.branching
+        if b is None:
+            return None
+        spec = {"seeds": 1, "branches": 4, "steps": "all", **b}
+        unknown = set(spec) - {"seeds", "branches", "steps"}
+        if unknown:
+            raise ConfigError(f"unknown key(s) sampling.branching.{sorted(unknown)}; valid: seeds, branches, steps")
+        for key, lo in (("seeds", 1), ("branches", 2)):
+            if not isinstance(spec[key], int) or spec[key] < lo:
+                raise ConfigError(f"sampling.branching.{key} must be an int >= {lo}, got {spec[key]!r}")
+        trainable, steps = self.trainable_steps(), spec["steps"]
+        if steps == "all":
+            spec["num_steps"] = len(trainable)
+        elif isinstance(steps, list) and steps and all(j in trainable for j in steps) and len(set(steps)) == len(steps):
+            spec["num_steps"] = len(steps)
+        elif isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= len(trainable):
+            spec["num_steps"] = steps
+        else:
+            raise ConfigError(f"sampling.branching.steps must be 'all', a list of distinct trainable steps "
+                              f"{trainable} or an int in [1, {len(trainable)}], got {steps!r}")
+        return spec
+
+
+WINDOW_DEFAULTS: Dict[str, Dict[str, Any]] = {"fast": {"size": 2, "max_start": None},
+                                              "mixgrpo": {"size": 4, "shift_every": 25}}
+
+METHOD_PRESETS: Dict[str, Dict[str, Any]] = {
+    "flow_grpo": {},
+    "flow_grpo_fast": {"sampling": {"window": {"kind": "fast", "size": 2}}},
+    "mixgrpo": {"sampling": {"window": {"kind": "mixgrpo", "size": 4, "shift_every": 25}}},
+    "tempflow_grpo": {"sampling": {"branching": {"seeds": 2, "branches": 4, "steps": 2}},
+                      "train": {"step_weighting": "noise_aware"}},
+    "grpo_guard": {"train": {"ratio_norm": True, "step_weighting": "inverse_dt"}},
+}
+"""Defaults each ``method`` sets (merged UNDER the YAML and the overrides). Paper values that depend on
+the model (clip range, beta, lr, TempFlow's N = 4 seeds x K = 6 branches) are left to the config; the
+TempFlow default (2 seeds x 4 branches x 2 random steps = 16 images per prompt) fits group_size 16."""
 
 
 def _choice(key: str, value: Any, valid: List[str]) -> None:
@@ -369,6 +474,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path!r} must contain a mapping of keys, got {type(data).__name__}")
     data = _merge(data, parse_overrides(overrides or []))
+    method = data.get("method")
+    if method is not None:
+        _choice("method", method, sorted(METHOD_PRESETS))
+        data = _merge(METHOD_PRESETS[method], data)
     return _build(Config, data)
 
 

@@ -151,6 +151,8 @@ def rollout(
     latents: Optional[torch.Tensor] = None,
     reduction: str = "mean",
     schedule=None,
+    start_step: int = 0,
+    prefix: Optional[Trajectory] = None,
 ) -> Trajectory:
     """Sample ``len(prompts)`` trajectories of ``num_steps`` steps.
 
@@ -158,6 +160,9 @@ def rollout(
         (0 = ODE step). See :func:`noise_schedule`.
     latents: initial noise ``[B, ...]``; drawn from ``generator`` when None.
     schedule: optional ``(timesteps [T], sigmas [T+1])``; defaults to ``policy.schedule(num_steps)``.
+    start_step, prefix: continue the stored trajectories ``prefix`` (``B`` rows, same schedule) from their
+        state ``x_{start_step}``: steps ``< start_step`` (states, log-probs, means, stds, levels) are copied
+        from ``prefix`` and only steps ``start_step..T-1`` call the model (TempFlow branches).
     """
     check_step_kind(policy, step_kind)
     batch = len(prompts)
@@ -183,13 +188,21 @@ def rollout(
         raise ValueError("noise levels must be >= 0")
     levels = levels.to(device)
 
+    states, log_probs, means, stds = [], [], [], []
+    if start_step:
+        if prefix is None or len(prefix) != batch or not 0 < start_step < num_steps:
+            raise ValueError(f"start_step {start_step} needs a prefix trajectory of {batch} rows and 0 < start_step < T")
+        levels = torch.cat([prefix.noise_levels[:, :start_step].to(device), levels[:, start_step:]], dim=1)
+        for dst, name in ((states, "latents"), (log_probs, "log_probs"), (means, "means"), (stds, "stds")):
+            dst += getattr(prefix, name)[:, :start_step].to(device).unbind(1)
+        latents = prefix.latents[:, start_step]
     x = policy.initial_latents(batch, generator) if latents is None else latents.to(device, torch.float32)
     if x.shape[0] != batch:
         raise ValueError(f"initial latents have batch {x.shape[0]}, expected {batch}")
-    states, log_probs, means, stds = [x], [], [], []
+    states.append(x)
     ts = timesteps.to(device, torch.float32)
     sg = sigmas.to(device, torch.float32)
-    for j in range(num_steps):
+    for j in range(start_step, num_steps):
         t_b = ts[j].expand(batch)
         out = policy.predict(x, t_b, cond)
         step = transition(step_kind, out, x, sg[j].expand(batch), sg[j + 1].expand(batch), levels[:, j],

@@ -24,12 +24,13 @@ from typing import Dict, List, Optional
 import torch
 from tqdm.auto import tqdm
 
-from . import losses
+from . import losses, methods
 from .advantages import compute_advantages, zero_variance_groups
 from .checkpoint import resolve_resume, save_checkpoint
 from .config import Config, ConfigError, to_dict
 from .ema import EMA
 from .lora import adapters_disabled, add_lora, forward_of, has_lora, save_lora
+from .methods import EpochPlan, mix_seed as _seed
 from .prompts import KRepeatSampler, read_prompts
 from .rollout import Trajectory, gather_steps, recompute_step, rollout
 from .sde import gaussian_kl
@@ -38,13 +39,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # aggregations that decompose over per-step backward passes (all samples have the same k steps, so
 # seq_mean_token_mean equals 'constant' with normaliser k)
 _STEPWISE_AGG = {"token_mean", "seq_mean_token_sum", "constant", "seq_mean_token_mean"}
-
-
-def _seed(*parts: int) -> int:
-    h = 0
-    for p in parts:
-        h = (h * 1_000_003 + int(p)) % (2**62)
-    return h
 
 
 class Trainer:
@@ -90,7 +84,10 @@ class Trainer:
         self.sampler = KRepeatSampler(len(self.prompts), cfg.sampling.groups_per_epoch, cfg.sampling.group_size,
                                       cfg.seed, self.world, self.rank)
         self.noise_levels = self._noise_levels()
-        self.epoch, self.global_step, self.samples_seen = 0, 0, 0
+        self.epoch, self.global_step, self.samples_seen, self.model_calls = 0, 0, 0, 0
+        # extra evaluation metrics: callables (eval images [N, 3, H, W], prompts) -> {name: float} (one process)
+        self.eval_hooks: List = []
+        self._diagnostics: Optional[methods.StepDiagnostics] = None  # per-step ratio statistics of train_epoch
         self.metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
         if resume:
             self._load(resolve_resume(cfg.output_dir, resume))
@@ -148,11 +145,16 @@ class Trainer:
 
     def trainable_steps(self) -> List[int]:
         """Stochastic steps that are trained: the first ``int(timestep_fraction * n)`` of them (>= 1)."""
-        stochastic = [j for j in range(self.cfg.sampling.num_steps) if self.noise_levels[j] > 0]
-        if not stochastic:
+        steps = self.cfg.trainable_steps()
+        if not steps:
             raise ConfigError("no stochastic step to train: sampling.noise_level is 0")
-        k = max(1, int(self.cfg.train.timestep_fraction * len(stochastic)))
-        return stochastic[:k]
+        return steps
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """Noise levels and trained steps of every sample of ``epoch`` (windows, branching; see
+        :mod:`genalign.methods`), identical on every process."""
+        self.trainable_steps()  # raises when nothing is stochastic
+        return methods.plan_epoch(self.cfg, epoch, self.sampler.epoch(epoch)[1], self.noise_levels)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> Dict[str, float]:
@@ -162,14 +164,17 @@ class Trainer:
             self._log({"epoch": 0, "global_step": 0, "samples_seen": 0, **self.evaluate(save_before=True)})
         for epoch in range(self.epoch, cfg.num_epochs):
             t_start = time.time()
-            traj, rewards, parts, group_ids, local = self.sample_epoch(epoch)
+            plan = self.plan(epoch)
+            traj, rewards, parts, group_ids, local = self.sample_epoch(epoch, plan)
             t_sampled = time.time()
-            adv, valid = self.compute_advantages(rewards, group_ids)
-            stats = self.train_epoch(epoch, traj, adv[local], valid[local])
+            adv, valid = self.compute_advantages(rewards, group_ids, plan)
+            stats = self.train_epoch(epoch, traj, adv[local], valid[local], plan.train_steps[local])
             t_trained = time.time()
             self.epoch = epoch + 1
             self.samples_seen += cfg.samples_per_epoch
+            self.model_calls += plan.model_calls  # sampling forwards per image (TempFlow: T per main + T - j per branch)
             row = {"epoch": self.epoch, "global_step": self.global_step, "samples_seen": self.samples_seen,
+                   "model_calls": self.model_calls,
                    "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
                    **{f"reward/{k}/mean": v.mean().item() for k, v in parts.items()},
                    "adv/mean": adv.mean().item(), "adv/std": adv.std().item(), "adv/abs_mean": adv.abs().mean().item(),
@@ -186,25 +191,36 @@ class Trainer:
                 self.save()
         return self.finish()
 
-    def sample_epoch(self, epoch: int):
-        """Roll out this process's samples of ``epoch`` and score them; rewards are gathered globally.
+    def sample_epoch(self, epoch: int, plan: Optional[EpochPlan] = None):
+        """Roll out this process's samples of ``epoch`` (as ``plan`` says; default :meth:`plan`) and score
+        them; rewards are gathered globally.
 
         Returns ``(local trajectory, global rewards [N], global parts, global group ids [N], local positions)``.
         """
         cfg, s = self.cfg, self.cfg.sampling
         prompt_idx, group_ids, local = self.sampler.epoch(epoch)
         prompts = [self.prompts[prompt_idx[i]] for i in local]
-        trajs, futures = [], []
+        mine = (plan or self.plan(epoch)).select(torch.tensor(local))
+        trajs, futures, branches = [], [], None
         pool = ThreadPoolExecutor(1) if s.async_rewards else None
         self.denoiser.eval()
+        if mine.branch_step is not None:  # TempFlow: all local branches at once (each main ODE runs once)
+            gen = torch.Generator(self.device).manual_seed(_seed(cfg.seed, epoch, self.rank))
+            with self._autocast():
+                branches = methods.branch_rollout(self.policy, self.policy.encode(prompts), prompts, mine,
+                                                  _seed(cfg.seed, epoch), s.step_kind, s.batch_size, generator=gen,
+                                                  reduction=s.log_prob_reduction)
         batches = range(0, len(prompts), s.batch_size)
         for b, start in enumerate(tqdm(batches, desc=f"epoch {epoch + 1} sampling", disable=not self.is_main, leave=False)):
             batch_prompts = prompts[start:start + s.batch_size]
             gen = torch.Generator(self.device).manual_seed(_seed(cfg.seed, epoch, self.rank, b))
             with self._autocast():
-                cond = self.policy.encode(batch_prompts)
-                traj = rollout(self.policy, cond, batch_prompts, s.num_steps, self.noise_levels, s.step_kind,
-                               generator=gen, reduction=s.log_prob_reduction)
+                if branches is not None:
+                    traj = branches.select(slice(start, start + s.batch_size))
+                else:
+                    traj = rollout(self.policy, self.policy.encode(batch_prompts), batch_prompts, s.num_steps,
+                                   mine.levels[start:start + s.batch_size], s.step_kind, generator=gen,
+                                   reduction=s.log_prob_reduction)
                 images = self.policy.decode(traj.final)
             trajs.append(traj)
             meta = [{"epoch": epoch, "rank": self.rank, "index": start + i} for i in range(len(batch_prompts))]
@@ -240,21 +256,35 @@ class Trainer:
             json.dump(prompts, fh)
         return out
 
-    def compute_advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor):
+    def compute_advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor, plan: Optional[EpochPlan] = None):
         """Group-relative advantages over the GLOBAL batch (identical on every process) and the
-        per-sample validity mask (False for zero-variance groups when filtering is on)."""
+        per-sample validity mask (False for zero-variance groups when filtering is on).
+
+        With TempFlow branching (``plan.branch_step``) groups are (prompt, seed, step) and each sample
+        gets its branch step's process advantage (:func:`genalign.methods.branch_advantages`).
+        """
         t = self.cfg.train
-        adv = compute_advantages(t.advantage, rewards, group_ids, std=t.advantage_std, clip=t.advantage_clip)
+        if plan is not None and plan.branch_step is not None:
+            steps = plan.branch_step
+            adv = methods.branch_advantages(rewards, plan)[torch.arange(len(steps)), steps]
+            adv = adv.clamp(-t.advantage_clip, t.advantage_clip)
+            group_ids = plan.seed_ids * self.cfg.sampling.num_steps + steps
+        else:
+            adv = compute_advantages(t.advantage, rewards, group_ids, std=t.advantage_std, clip=t.advantage_clip)
         valid = torch.ones_like(rewards, dtype=torch.bool)
         if t.filter_zero_std_groups:
             valid = ~zero_variance_groups(rewards, group_ids)
         return adv, valid
 
-    def train_epoch(self, epoch: int, traj: Trajectory, adv: torch.Tensor, valid: torch.Tensor) -> Dict[str, float]:
-        """Optimizer steps over this epoch's local samples; returns averaged statistics."""
+    def train_epoch(self, epoch: int, traj: Trajectory, adv: torch.Tensor, valid: torch.Tensor,
+                    train_steps: Optional[torch.Tensor] = None) -> Dict[str, float]:
+        """Optimizer steps over this epoch's local samples, each trained on its steps ``train_steps
+        [n_local, k]`` (default: every trainable step); returns averaged and per-step statistics."""
         cfg, t = self.cfg, self.cfg.train
-        steps = torch.tensor(self.trainable_steps())
-        k, n_local = len(steps), len(traj)
+        if train_steps is None:
+            train_steps = torch.tensor(self.trainable_steps()).expand(len(traj), -1)
+        n_local, k = train_steps.shape
+        self._diagnostics = methods.StepDiagnostics(cfg.sampling.num_steps, self.device)
         per_step_local = n_local // t.num_minibatches
         adv, valid = adv.to(self.device), valid.to(self.device)
         sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
@@ -264,9 +294,9 @@ class Trainer:
             gen = torch.Generator().manual_seed(_seed(cfg.seed, epoch, inner, self.rank, 7))
             order = torch.randperm(n_local, generator=gen)
             if t.shuffle_steps:
-                step_idx = torch.stack([steps[torch.randperm(k, generator=gen)] for _ in range(n_local)])
+                step_idx = torch.stack([row[torch.randperm(k, generator=gen)] for row in train_steps])
             else:
-                step_idx = steps.expand(n_local, k)
+                step_idx = train_steps
             for mb in tqdm(range(t.num_minibatches), desc=f"epoch {epoch + 1} training", disable=not self.is_main, leave=False):
                 ids = order[mb * per_step_local:(mb + 1) * per_step_local]
                 self.optimizer.zero_grad(set_to_none=True)
@@ -276,6 +306,7 @@ class Trainer:
                 grad_norms.append(self._optimizer_step())
         stats = {key: (v / count).item() for key, v in sums.items()}
         stats["grad_norm"] = torch.stack(grad_norms).mean().item()
+        stats.update(self._diagnostics.metrics(self.acc.reduce if self.world > 1 else None))
         return stats
 
     def accumulate(self, traj: Trajectory, adv: torch.Tensor, valid: torch.Tensor, ids: torch.Tensor,
@@ -319,16 +350,31 @@ class Trainer:
                     with torch.no_grad(), self._reference():
                         ref_mean = recompute_step(self.policy, sub, j).mean
                     kl = gaussian_kl(step.mean, ref_mean, gather_steps(sub.stds, j))[:, None]
-            old = gather_steps(sub.log_probs, j)
+            old, logp = gather_steps(sub.log_probs, j), step.log_prob
+            if t.ratio_norm:
+                logp = methods.ratio_norm(logp, old, step.mean, gather_steps(sub.means, j), gather_steps(sub.stds, j),
+                                          sub.reduction)
+            weights = None
+            if t.step_weighting != "none":
+                weights = gather_steps(methods.step_weight_table(t.step_weighting, sub.sigmas, self.trainable_steps()), j)
             loss, st = losses.policy_loss(
-                step.log_prob[:, None], old[:, None], adv, valid[:, None], surrogate=t.surrogate, aggregation=agg,
+                logp[:, None], old[:, None], adv, valid[:, None], surrogate=t.surrogate, aggregation=agg,
                 eps_low=t.clip_range, eps_high=t.clip_range_high, num_tokens=num_tokens, num_seqs=num_seqs,
-                normalizer=k, kl=kl, kl_coef=t.kl_beta)
+                normalizer=k, kl=kl, kl_coef=t.kl_beta, weights=weights)
             self.acc.backward(loss)
+            self._log_step_ratios(j, logp.detach() - old, adv, valid)
             for key, v in st.items():
                 out_stats[key] += v / k
             out_stats["loss"] += loss.detach()
         return out_stats
+
+    def _log_step_ratios(self, j, log_r, adv, valid) -> None:
+        """Per-step ratio and clip statistics (the surrogate's own clip definition)."""
+        if self._diagnostics is not None:
+            t = self.cfg.train
+            clipped = losses.get_surrogate(t.surrogate)(log_r[:, None], adv[:, None], log_r[:, None], eps_low=t.clip_range,
+                                                        eps_high=t.clip_range_high).clipped[:, 0]
+            self._diagnostics.add(j, log_r, adv, valid, clipped)
 
     def _optimizer_step(self) -> torch.Tensor:
         if self.world > 1:  # sum gradients over processes (losses are normalised by global counts)
@@ -386,6 +432,8 @@ class Trainer:
         out = {"eval/reward": (self.acc.reduce(total.sum().to(self.device), "sum") / count).item()}
         for k, v in parts.items():
             out[f"eval/{k}"] = (self.acc.reduce(v.sum().to(self.device), "sum") / count).item()
+        for hook in self.eval_hooks if self.world == 1 else []:
+            out.update(hook(images, mine))
         if save_before and self.is_main:
             from safetensors.torch import save_file
 
@@ -405,7 +453,7 @@ class Trainer:
 
     def _trainer_state(self) -> Dict:
         return {"epoch": self.epoch, "global_step": self.global_step, "samples_seen": self.samples_seen,
-                "config": to_dict(self.cfg)}
+                "model_calls": self.model_calls, "config": to_dict(self.cfg)}
 
     def save(self) -> Optional[str]:
         """Atomic checkpoint: optimizer + RNG (accelerate), trainable weights, EMA, trainer state."""
@@ -457,6 +505,7 @@ class Trainer:
             self.ema.load_state_dict({"shadow": [shadow[str(i)] for i in range(len(shadow))],
                                       "num_updates": state.get("ema_updates", 0)})
         self.epoch, self.global_step, self.samples_seen = state["epoch"], state["global_step"], state["samples_seen"]
+        self.model_calls = state.get("model_calls", 0)
         if self.is_main:
             _truncate_metrics(self.metrics_path, self.epoch)
 
@@ -479,6 +528,7 @@ class Trainer:
             from .plots import plot_metrics
 
             plot_metrics(self.metrics_path, os.path.join(out, "reward_curve.png"))
+            methods.plot_step_ratios(self.metrics_path, os.path.join(out, "step_ratios.png"))
             self._before_after_grid()
         self.acc.wait_for_everyone()
         self.acc.end_training()

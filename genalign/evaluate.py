@@ -1,0 +1,159 @@
+"""Evaluation of a checkpoint: reward statistics with bootstrap confidence intervals and paired win rates.
+
+Image i (prompt-major: ``num_per_prompt`` images per prompt) uses seed ``seed + i`` for the checkpoint
+and for the baseline alike, so both see the same initial noise and the comparison is paired: per
+prompt, the win rate is the fraction of seeds where the checkpoint's reward beats the baseline's
+(ties count one half). ``eval.json`` fields are documented in the README ("Compare: grids, RLG,
+eval, plots") and in :func:`evaluate`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .sampling import (Variant, default_steps, display_parts, expand_jobs, iter_samples, load_policy_with_loras,
+                       use_variant)
+
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
+
+
+def bootstrap_ci(values: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                 confidence: float = CONFIDENCE) -> Tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (fixed ``seed``, so reproducible)."""
+    values = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    lo, hi = np.quantile(means, [alpha, 1 - alpha])
+    return float(lo), float(hi)
+
+
+def wins(scores: np.ndarray, baseline: np.ndarray) -> np.ndarray:
+    """Per pair: 1 if the checkpoint's score is higher, 0.5 on a tie, 0 otherwise."""
+    return np.where(scores > baseline, 1.0, np.where(scores == baseline, 0.5, 0.0))
+
+
+def describe(values: np.ndarray, **bootstrap) -> Dict[str, object]:
+    """``{"mean", "std" (ddof 1; 0 for one value), "ci95": [lo, hi]}`` of ``values``."""
+    values = np.asarray(values, dtype=np.float64)
+    std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return {"mean": float(values.mean()), "std": std, "ci95": list(bootstrap_ci(values, **bootstrap))}
+
+
+def score_variant(policy, variant: Variant, prompts: Sequence[str], seeds: Sequence[int], reward_set,
+                  num_steps: Optional[int], batch_size: int) -> Dict[str, np.ndarray]:
+    """Sample ``(prompts[i], seeds[i])`` with ``variant`` and return every reward component ``[N]``."""
+    parts: Dict[str, List[np.ndarray]] = {}
+    start = 0
+    with use_variant(policy, variant) as sampler:
+        for images in iter_samples(sampler, prompts, seeds, num_steps, batch_size):
+            chunk = list(prompts[start:start + len(images)])
+            meta = [{"seed": s} for s in seeds[start:start + len(images)]]
+            for name, value in reward_set(images, chunk, meta)[1].items():
+                parts.setdefault(name, []).append(value.numpy())
+            start += len(images)
+    return {name: np.concatenate(v) for name, v in parts.items()}
+
+
+def summarize(prompts: Sequence[str], num_per_prompt: int, scores: Dict[str, np.ndarray],
+              baseline: Optional[Dict[str, np.ndarray]] = None, **bootstrap) -> Dict[str, dict]:
+    """Per reward component: statistics, baseline statistics and win rate, and per-prompt values."""
+    out = {}
+    for name, values in scores.items():
+        by_prompt = values.reshape(len(prompts), num_per_prompt)
+        entry = describe(values, **bootstrap)
+        rows = [{"prompt": p, "mean": float(v.mean())} for p, v in zip(prompts, by_prompt)]
+        if baseline is not None:
+            base = baseline[name]
+            won = wins(values, base)
+            entry["baseline"] = describe(base, **bootstrap)
+            entry["win_rate"] = float(won.mean())
+            entry["win_rate_ci95"] = list(bootstrap_ci(won, **bootstrap))
+            for row, b, w in zip(rows, base.reshape(by_prompt.shape), won.reshape(by_prompt.shape)):
+                row.update(baseline_mean=float(b.mean()), win_rate=float(w.mean()))
+        entry["per_prompt"] = rows
+        out[name] = entry
+    return out
+
+
+def evaluate(model: str, prompts: Sequence[str], rewards: Sequence[str], num_per_prompt: int = 8, seed: int = 0,
+             lora: Optional[str] = None, baseline: Optional[str] = None, num_steps: Optional[int] = None,
+             guidance_scale: Optional[float] = None, device: Optional[str] = None, batch_size: int = 32,
+             resamples: int = BOOTSTRAP_RESAMPLES, bootstrap_seed: int = BOOTSTRAP_SEED) -> dict:
+    """Evaluate ``model`` (+ ``lora``) against ``baseline`` (``"base"``, a LoRA path, or None).
+
+    Returns the ``eval.json`` dict: ``model``, ``checkpoint`` (LoRA path or null = base), ``baseline``,
+    ``prompts``, ``num_per_prompt``, ``seed``, ``num_steps``, ``num_samples``, ``bootstrap``
+    (``resamples``, ``seed``, ``confidence``) and ``rewards``: per reward component ``mean``, ``std``,
+    ``ci95``, ``per_prompt`` (``prompt``, ``mean``, and with a baseline ``baseline_mean``, ``win_rate``)
+    and, with a baseline, ``baseline`` (``mean``, ``std``, ``ci95``), ``win_rate``, ``win_rate_ci95``.
+    """
+    from .rewards.base import RewardSet
+
+    if not rewards:
+        raise ValueError("genalign eval: give at least one reward (--rewards NAME ...)")
+    baseline_lora = baseline if baseline not in (None, "base") else None
+    loras = [p for p in (lora, baseline_lora) if p]
+    names = [n for n, p in (("checkpoint", lora), ("baseline", baseline_lora)) if p]
+    policy, _ = load_policy_with_loras(model, loras, guidance_scale, device, names=names)
+    reward_set = RewardSet({r: 1.0 for r in rewards})
+    job_prompts, seeds = expand_jobs(prompts, num_per_prompt, seed)
+
+    def score(variant: Variant) -> Dict[str, np.ndarray]:
+        return score_variant(policy, variant, job_prompts, seeds, reward_set, num_steps, batch_size)
+
+    scores = score(Variant("checkpoint", "checkpoint" if lora else None))
+    scores = {name: scores[name] for name in display_parts(list(scores), reward_set.names)}
+    base_scores = None if baseline is None else score(Variant("baseline", "baseline" if baseline_lora else None))
+    bootstrap = {"resamples": resamples, "seed": bootstrap_seed}
+    return {
+        "model": model, "checkpoint": lora, "baseline": baseline, "prompts": list(prompts),
+        "num_per_prompt": num_per_prompt, "seed": seed, "num_steps": default_steps(policy, num_steps),
+        "num_samples": len(job_prompts), "bootstrap": {**bootstrap, "confidence": CONFIDENCE},
+        "rewards": summarize(prompts, num_per_prompt, scores, base_scores, **bootstrap),
+    }
+
+
+def _fmt_ci(ci: Sequence[float]) -> str:
+    return f"[{ci[0]:.4f}, {ci[1]:.4f}]"
+
+
+def to_markdown(result: dict) -> str:
+    """``eval.md``: a summary table over reward components, then a per-prompt table per component."""
+    has_base = result["baseline"] is not None
+    head = "| reward | mean | std | 95% CI |" + (" baseline mean | baseline 95% CI | win rate |" if has_base else "")
+    lines = [f"# Evaluation of {result['checkpoint'] or 'the base model'} ({result['model']})", "",
+             f"{result['num_samples']} images: {len(result['prompts'])} prompts x {result['num_per_prompt']} seeds "
+             f"from {result['seed']}, {result['num_steps']} steps; baseline: {result['baseline'] or 'none'}. "
+             f"CIs: percentile bootstrap, {result['bootstrap']['resamples']} resamples.", "",
+             head, "|" + "---|" * head.count(" |")]
+    for name, r in result["rewards"].items():
+        row = f"| {name} | {r['mean']:.4f} | {r['std']:.4f} | {_fmt_ci(r['ci95'])} |"
+        if has_base:
+            row += f" {r['baseline']['mean']:.4f} | {_fmt_ci(r['baseline']['ci95'])} | {r['win_rate']:.3f} |"
+        lines.append(row)
+    for name, r in result["rewards"].items():
+        lines += ["", f"## {name} per prompt", "",
+                  "| prompt | mean |" + (" baseline mean | win rate |" if has_base else ""),
+                  "|---|---|" + ("---|---|" if has_base else "")]
+        for row in r["per_prompt"]:
+            extra = f" {row['baseline_mean']:.4f} | {row['win_rate']:.3f} |" if has_base else ""
+            lines.append(f"| {row['prompt']} | {row['mean']:.4f} |{extra}")
+    return "\n".join(lines) + "\n"
+
+
+def write_eval(result: dict, out_dir: str) -> Tuple[str, str]:
+    """Write ``eval.json`` and ``eval.md`` into ``out_dir``; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    json_path, md_path = os.path.join(out_dir, "eval.json"), os.path.join(out_dir, "eval.md")
+    with open(json_path, "w") as fh:
+        json.dump(result, fh, indent=1)
+    with open(md_path, "w") as fh:
+        fh.write(to_markdown(result))
+    return json_path, md_path

@@ -1,0 +1,133 @@
+"""Timestep-aware strategies: TempFlow branching and weights, GRPO-Guard RatioNorm, SDE windows, presets."""
+
+import json
+
+import pytest
+import torch
+
+from genalign import methods
+from genalign.config import ConfigError, load_config
+from genalign.prompts import KRepeatSampler
+from genalign.sde import gaussian_log_prob
+
+from .test_trainer import make_trainer, prompts_file, sd3_dir, tiny_overrides  # noqa: F401
+
+BRANCH = {"sampling.branching": {"seeds": 1, "branches": 2, "steps": "all"}}
+
+
+def test_branching_model_calls_trajectories_and_process_advantages(sd3_dir, tmp_path, prompts_file):
+    trainer = make_trainer(sd3_dir, tmp_path / "run", prompts_file, method="tempflow_grpo", **BRANCH)
+    plan = trainer.plan(0)
+    T, N = 3, 8  # trainable steps [0, 1]; 2 groups x (1 seed x 2 steps x 2 branches)
+    assert plan.branch_step.tolist().count(0) == plan.branch_step.tolist().count(1) == 4
+    assert plan.model_calls == 2 * T + 4 * (T - 0) + 4 * (T - 1)  # main ODE once per (prompt, seed) + T - j per branch
+    calls, predict = [0], trainer.policy.predict
+
+    def counting(x, *a, **k):
+        calls[0] += x.shape[0]
+        return predict(x, *a, **k)
+
+    trainer.policy.predict = counting
+    traj, rewards, _, group_ids, local = trainer.sample_epoch(0, plan)
+    assert calls[0] == plan.model_calls
+    assert torch.equal(traj.stochastic_steps, torch.nn.functional.one_hot(plan.branch_step, T).bool())
+    for sid in plan.seed_ids.unique():  # branches of one seed share the main ODE states up to x_j
+        rows = (plan.seed_ids == sid) & (plan.branch_step == 1)
+        lat = traj.latents[rows]
+        assert torch.equal(lat[0, :2], lat[1, :2]) and not torch.equal(lat[0, 2], lat[1, 2])
+    adv = methods.branch_advantages(rewards, plan)
+    assert adv.shape == (N, T)
+    assert ((adv != 0).sum(1) <= 1).all() and torch.all(adv[:, 2] == 0)
+    for sid in plan.seed_ids.unique():
+        for j in (0, 1):
+            assert abs(adv[(plan.seed_ids == sid) & (plan.branch_step == j), j].sum()) < 1e-4
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_ratio_norm_centres_left_shifted_log_ratio(reduction):
+    g = torch.Generator().manual_seed(0)
+    B, D = 4000, 64
+    std = 0.05 + torch.rand(B, generator=g)
+    mu_old = torch.randn(B, D, generator=g)
+    dmu = 0.3 * std[:, None] * torch.randn(B, D, generator=g)
+    x = mu_old + std[:, None] * torch.randn(B, D, generator=g)
+    old = gaussian_log_prob(x, mu_old, std, reduction)
+    logp = gaussian_log_prob(x, mu_old + dmu, std, reduction)
+    raw = logp - old
+    norm = methods.ratio_norm(logp, old, mu_old + dmu, mu_old, std, reduction) - old
+    assert raw.mean() < -10 * raw.std() / B**0.5  # clearly left-shifted
+    assert abs(norm.mean()) < 4 * norm.std() / B**0.5
+    scale = D if reduction == "sum" else 1
+    expected = ((x - mu_old) / std[:, None] * dmu).sum(1) / (1 if reduction == "sum" else D)
+    torch.testing.assert_close(norm, expected, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_step_weights_closed_form_and_sd3_values():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(10)
+    w = methods.step_weight_table("noise_aware", sched.sigmas.float(), range(9))
+    sd3 = torch.tensor([1.58, 1.67, 1.21, 1.00, 0.88, 0.79, 0.72, 0.64, 0.51])
+    torch.testing.assert_close(w[:9], sd3, atol=0.01, rtol=0)
+    sig = torch.tensor([1.0, 0.7, 0.45, 0.2, 0.0])
+    dt = sig[:-1] - sig[1:]
+    s = torch.sqrt(sig[:-1] / (1 - torch.tensor([0.7, 0.7, 0.45, 0.2]))) * dt.sqrt()  # s = 1 uses s' (ALGORITHMS 1.1)
+    torch.testing.assert_close(methods.step_weight_table("noise_aware", sig, [0, 1, 2]), s / s[:3].mean())
+    torch.testing.assert_close(methods.step_weight_table("inverse_dt", sig[None], [0, 1, 2])[0], (1 / dt) / (1 / dt[:3]).mean())
+    assert torch.equal(methods.step_weight_table("none", sig, [0]), torch.ones(4))
+
+
+def _plan(epoch, rank, world=2, **window):
+    cfg = load_config(None, [f"sampling.window={window}", "sampling.num_steps=10", "sampling.noise_level=1.0",
+                             "sampling.last_step_deterministic=true"])
+    _, group_ids, _ = KRepeatSampler(20, 8, 4, seed=3, world_size=world, rank=rank).epoch(epoch)
+    return methods.plan_epoch(cfg, epoch, group_ids, torch.ones(10)), group_ids
+
+
+def test_fast_window_is_per_group_and_independent_of_rank():
+    starts = set()
+    for epoch in range(4):
+        (p0, gid), (p1, _) = _plan(epoch, 0, kind="fast", size=2), _plan(epoch, 1, kind="fast", size=2)
+        assert torch.equal(p0.train_steps, p1.train_steps) and torch.equal(p0.levels, p1.levels)
+        for g in gid.unique():
+            rows = p0.train_steps[gid == g]
+            assert (rows == rows[0]).all() and rows[0, 1] == rows[0, 0] + 1 and 0 <= rows[0, 0] <= 3
+            starts.add(int(rows[0, 0]))
+        assert torch.equal(p0.levels > 0, torch.zeros_like(p0.levels).scatter_(1, p0.train_steps, 1.0) > 0)
+    assert len(starts) > 1
+
+
+def test_mixgrpo_window_slides_and_wraps():
+    first = [int(_plan(e, 0, kind="mixgrpo", size=4, shift_every=2)[0].train_steps[0, 0]) for e in range(0, 16, 2)]
+    assert first == [0, 1, 2, 3, 4, 0, 1, 2]  # trainable steps 0..7 (int(0.99 * 9)), window 4 -> starts 0..4
+
+
+def test_method_config_validation():
+    with pytest.raises(ConfigError, match="sampling.group_size"):
+        load_config(None, ["method=tempflow_grpo", "sampling.group_size=12"]).validate()
+    with pytest.raises(ConfigError, match="sampling.window.size"):
+        load_config(None, ["sampling.window={kind: fast, size: 20}"]).validate()
+    with pytest.raises(ConfigError, match="method"):
+        load_config(None, ["method=nope"])
+    cfg = load_config(None, ["method=grpo_guard", "train.step_weighting=none"])
+    assert cfg.train.ratio_norm and cfg.train.step_weighting == "none"  # explicit keys override the preset
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("flow_grpo", {}), ("flow_grpo_fast", {"sampling.window": {"kind": "fast", "size": 1, "max_start": 1}}),
+    ("mixgrpo", {"sampling.window": {"kind": "mixgrpo", "size": 2, "shift_every": 1}}),
+    ("tempflow_grpo", BRANCH), ("grpo_guard", {"train.kl_beta": 0.1}),
+    ("flow_grpo_fast", {"sampling.step_kind": "cps", "sampling.window": {"kind": "fast", "size": 1, "max_start": 1}}),
+    ("tempflow_grpo", {"sampling.step_kind": "cps", **BRANCH}),
+])
+def test_one_epoch_per_method(sd3_dir, tmp_path, prompts_file, method, extra):
+    trainer = make_trainer(sd3_dir, tmp_path / "run", prompts_file, method=method,
+                           **{"train.num_minibatches": 2, "train.batch_size": 2, **extra})
+    metrics = trainer.train()
+    assert metrics["model_calls"] == trainer.model_calls > 0
+    trained = {int(k.split("/")[1]) for k in metrics if k.startswith("steps/") and k.endswith("ratio_mean")}
+    assert trained and trained <= set(trainer.trainable_steps())
+    row = json.loads(open(tmp_path / "run" / "metrics.jsonl").readlines()[-1])
+    assert "steps/%d/clip_frac_pos" % min(trained) in row
+    assert (tmp_path / "run" / "step_ratios.png").is_file()
