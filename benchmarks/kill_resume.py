@@ -83,7 +83,8 @@ def run_once(out_dir: str, epochs: int, resume: bool, kill_at: Optional[tuple], 
         start, seen = time.time(), None
         while proc.poll() is None:
             elapsed = time.time() - start
-            writing = glob.glob(os.path.join(out_dir, "checkpoints", ".tmp-checkpoint-*"))
+            writing = [d for d in glob.glob(os.path.join(out_dir, "checkpoints", ".tmp-checkpoint-*"))
+                       if os.path.getmtime(d) >= start]  # ignore leftovers of an earlier killed write
             if kill_at is not None and seen is None and _log_has(log_path, kill_at[0]):
                 seen = time.time()
             due = seen is not None and time.time() - seen >= kill_at[1]

@@ -8,6 +8,7 @@ warning, so resuming falls back to the previous one.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -58,7 +59,8 @@ def save_checkpoint(root: str, step: int, write: Callable[[str], None], keep_las
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"checkpoint-{step}")
     tmp = os.path.join(root, f".tmp-checkpoint-{step}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in glob.glob(os.path.join(root, ".tmp-checkpoint-*")):  # left by a write that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     os.makedirs(tmp)
     write(tmp)
     with open(os.path.join(tmp, MARKER), "w") as fh:
