@@ -189,26 +189,26 @@ def ratio_norm(logp: torch.Tensor, old_logp: torch.Tensor, mean: torch.Tensor, o
 class StepDiagnostics:
     """Per-step ratio statistics over trained (sample, step) tokens, summed in a ``[T, 7]`` table."""
 
-    NAMES = ("tokens", "ratio", "ratio_sq", "pos", "clip_pos", "neg", "clip_neg")
+    NAMES = ("tokens", "ratio_m1", "ratio_m1_sq", "pos", "clip_pos", "neg", "clip_neg")  # sums of r - 1 (precision)
 
     def __init__(self, num_steps: int, device):
-        self.sums = torch.zeros(num_steps, len(self.NAMES), device=device)
+        self.sums = torch.zeros(num_steps, len(self.NAMES), device=device, dtype=torch.float64)
 
     def add(self, step, log_r, adv, valid, clipped) -> None:
         """All ``[B]``: trained step, log-ratio, advantage, validity, clipped flag."""
-        v, r, c = valid.float(), log_r.detach().float().exp(), clipped.float()
-        pos, neg = (adv > 0).float() * v, (adv < 0).float() * v
-        self.sums.index_add_(0, step, torch.stack([v, r * v, r * r * v, pos, c * pos, neg, c * neg], 1))
+        v, d, c = valid.double(), torch.expm1(log_r.detach().double()), clipped.double()
+        pos, neg = (adv > 0).double() * v, (adv < 0).double() * v
+        self.sums.index_add_(0, step, torch.stack([v, d * v, d * d * v, pos, c * pos, neg, c * neg], 1))
 
     def metrics(self, reduce=None) -> Dict[str, float]:
         """``steps/{j}/ratio_mean | ratio_std | clip_frac_pos | clip_frac_neg | tokens`` for trained j;
         ``reduce`` sums the table over processes."""
         sums = reduce(self.sums, "sum") if reduce else self.sums
         out = {}
-        for j, (n, r, r2, pos, cpos, neg, cneg) in enumerate(sums.tolist()):
+        for j, (n, d, d2, pos, cpos, neg, cneg) in enumerate(sums.tolist()):
             if n:
-                out.update({f"steps/{j}/tokens": n, f"steps/{j}/ratio_mean": r / n,
-                            f"steps/{j}/ratio_std": max(r2 / n - (r / n) ** 2, 0.0) ** 0.5,
+                out.update({f"steps/{j}/tokens": n, f"steps/{j}/ratio_mean": 1 + d / n,
+                            f"steps/{j}/ratio_std": max(d2 / n - (d / n) ** 2, 0.0) ** 0.5,
                             f"steps/{j}/clip_frac_pos": cpos / max(pos, 1), f"steps/{j}/clip_frac_neg": cneg / max(neg, 1)})
         return out
 

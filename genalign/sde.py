@@ -98,9 +98,9 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, re
     """
     std_b = _bcast(std, x)
     deterministic = std_b == 0
-    safe = torch.where(deterministic, torch.ones_like(std_b), std_b)
+    safe = torch.where(deterministic, 1.0, std_b)  # python scalars: no extra full-size tensors or kernels
     elem = -((x - mean) ** 2) / (2 * safe**2) - torch.log(safe) - LOG_SQRT_2PI
-    elem = torch.where(deterministic, torch.zeros_like(elem), elem)
+    elem = torch.where(deterministic, 0.0, elem)
     dims = tuple(range(1, x.ndim))
     if reduction == "mean":
         return elem.mean(dim=dims)

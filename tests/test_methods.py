@@ -131,3 +131,15 @@ def test_one_epoch_per_method(sd3_dir, tmp_path, prompts_file, method, extra):
     row = json.loads(open(tmp_path / "run" / "metrics.jsonl").readlines()[-1])
     assert "steps/%d/clip_frac_pos" % min(trained) in row
     assert (tmp_path / "run" / "step_ratios.png").is_file()
+
+
+def test_step_diagnostics_per_step_ratio_and_clip_split():
+    diag = methods.StepDiagnostics(4, "cpu")
+    log_r = torch.tensor([1e-4, -1e-4, 0.5, -0.5, 0.0])
+    adv = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0])
+    diag.add(torch.tensor([1, 1, 2, 2, 2]), log_r, adv, torch.ones(5, dtype=torch.bool),
+             torch.tensor([False, False, True, True, False]))
+    m = diag.metrics()
+    assert set(k.split("/")[1] for k in m) == {"1", "2"}
+    assert abs(m["steps/1/ratio_std"] - 1e-4) < 1e-6 and abs(m["steps/1/ratio_mean"] - 1) < 1e-8
+    assert m["steps/2/clip_frac_pos"] == 1.0 and m["steps/2/clip_frac_neg"] == 0.5

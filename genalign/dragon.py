@@ -1,0 +1,162 @@
+"""DRAGON training mode: on-policy generations split into D+ / D-, trained with Diffusion-DPO or -KTO on
+the flow-matching denoising loss (ALGORITHMS.md section 5).
+
+Split (``dragon.criterion``):
+
+- ``instance``: per prompt group, the better half of the rewards -> D+ (label +1), the worse half -> D-
+  (-1); the middle sample of an odd group and groups with equal rewards are unused (0).
+- ``set``: rewards are a set reward's per-sample contributions (``frechet_set``, ``vendi``: leave-one-out).
+  ``dragon.set_split: loo`` ranks them over the whole batch (top half D+); ``greedy`` builds D+ by pair
+  swaps that raise the set reward of D+ (:func:`genalign.rewards.distributional.greedy_split`).
+
+Losses at a shared noise and timestep (per pair; per sample when unpaired), ``x0`` = the rollout's final
+latents, ``x_t = (1 - s) x0 + s noise``, ``L(x) = mean_e (v_theta(x_t, t) - (noise - x0))^2`` with the
+policy's forward (CFG included, the same velocity the rollout follows), ``L_ref`` the same under the
+reference (LoRA adapters disabled, or the frozen copy). ``dragon.pairing``: ``paired`` ->
+:func:`genalign.losses.diffusion_dpo_loss` on (D+, D-) pairs within a prompt group; ``unpaired`` ->
+:func:`genalign.losses.diffusion_kto_loss` on every labelled sample. ``s`` is drawn from the rollout's
+schedule ``sigmas[0..T-1]``. The loss is a mean over the optimizer step's global unit (pair or sample)
+count, so accumulation does not change it (KTO's reference point ``z`` is per micro-batch).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict, List
+
+import torch
+
+from . import losses
+from .methods import mix_seed
+
+CRITERIA, PAIRINGS, LOSSES, SET_SPLITS = ("instance", "set"), ("paired", "unpaired"), ("dpo", "kto"), ("loo", "greedy")
+DEFAULT_BETA = {"dpo": 5000.0, "kto": 1000.0}
+
+
+def instance_labels(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """``[N]`` labels in {+1, -1, 0}: per group the top ``n // 2`` rewards +1, the bottom ``n // 2`` -1."""
+    labels = torch.zeros(len(rewards), dtype=torch.long)
+    for g in group_ids.unique():
+        idx = (group_ids == g).nonzero().flatten()
+        if rewards[idx].max() == rewards[idx].min():
+            continue
+        order = idx[rewards[idx].argsort(descending=True)]
+        half = len(order) // 2
+        labels[order[:half]], labels[order[len(order) - half:]] = 1, -1
+    return labels
+
+
+def ranked_labels(scores: torch.Tensor) -> torch.Tensor:
+    """``[N]`` labels: the top half of ``scores`` over the whole batch +1, the bottom half -1."""
+    return instance_labels(scores, torch.zeros(len(scores), dtype=torch.long))
+
+
+def pairs_within_groups(labels: torch.Tensor, group_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """``[P, 2]`` (winner, loser) indices: in each group, D+ and D- members zipped in ``scores`` order."""
+    out: List[torch.Tensor] = []
+    for g in group_ids.unique():
+        in_g = group_ids == g
+        pos, neg = ((in_g & (labels == s)).nonzero().flatten() for s in (1, -1))
+        pos, neg = pos[scores[pos].argsort(descending=True)], neg[scores[neg].argsort(descending=True)]
+        k = min(len(pos), len(neg))
+        out.append(torch.stack([pos[:k], neg[:k]], dim=1))
+    return torch.cat(out) if out else torch.zeros(0, 2, dtype=torch.long)
+
+
+def denoising_losses(policy, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, sigmas: torch.Tensor,
+                     cond) -> torch.Tensor:
+    """Flow-matching MSE per sample ``[B]`` at ``x_t = (1 - s) x0 + s noise`` (``s = sigmas [B]``, model
+    ``timesteps [B]``), target velocity ``noise - x0``."""
+    s = sigmas.view(-1, *[1] * (x0.ndim - 1)).to(x0.dtype)
+    v = policy.predict((1 - s) * x0 + s * noise, timesteps, cond)
+    return (v.float() - (noise - x0).float()).pow(2).flatten(1).mean(1)
+
+
+def split_labels(trainer, rewards: torch.Tensor, group_ids: torch.Tensor, traj) -> torch.Tensor:
+    """Global labels ``[N]`` for this epoch (see the module docstring)."""
+    d = trainer.cfg.dragon
+    if d.criterion == "instance":
+        return instance_labels(rewards, group_ids)
+    if d.set_split == "loo":
+        return ranked_labels(rewards)
+    from .config import ConfigError
+
+    fns = [fn for _, fn, _ in trainer.reward_fn.components if hasattr(fn, "set_score")]
+    if len(fns) != 1 or trainer.world > 1:
+        raise ConfigError("dragon.set_split = 'greedy' needs exactly one set reward with set_score (frechet_set, "
+                          f"vendi) and one process; rewards: {trainer.reward_fn.names}, processes: {trainer.world}")
+    with torch.no_grad():
+        images = torch.cat([trainer.policy.decode(traj.final[i:i + 64].to(trainer.device)) for i in range(0, len(traj), 64)])
+    from genalign.rewards.distributional import greedy_split
+
+    pos = greedy_split(fns[0].set_score, fns[0].encode(images), max_swaps=d.max_swaps)
+    return pos.long() * 2 - 1
+
+
+def _units(labels: torch.Tensor, group_ids: torch.Tensor, rewards: torch.Tensor, local: torch.Tensor, paired: bool):
+    """Local training units: ``[P, 2]`` local (winner, loser) pairs, or ``[U, 1]`` local labelled samples."""
+    to_local = torch.full((len(labels),), -1, dtype=torch.long)
+    to_local[local] = torch.arange(len(local))
+    if paired:
+        units = to_local[pairs_within_groups(labels, group_ids, rewards)]
+        return units[(units >= 0).all(1)]
+    mine = local[labels[local] != 0]
+    return to_local[mine][:, None]
+
+
+def train_epoch(trainer, epoch: int, traj, rewards: torch.Tensor, group_ids: torch.Tensor,
+                local: torch.Tensor) -> Dict[str, float]:
+    """DRAGON optimizer steps over this process's samples (``train.num_minibatches`` per inner epoch)."""
+    cfg, t, d = trainer.cfg, trainer.cfg.train, trainer.cfg.dragon
+    paired = d.pairing == "paired"
+    labels = split_labels(trainer, rewards, group_ids, traj)
+    units = _units(labels, group_ids, rewards, local, paired)
+    sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=trainer.device))
+    count, norms = 0, []
+    trainer.denoiser.train()
+    for inner in range(t.num_inner_epochs):
+        order = units[torch.randperm(len(units), generator=torch.Generator().manual_seed(mix_seed(cfg.seed, epoch, inner, 11)))]
+        for mb in range(t.num_minibatches):
+            step_units = order[mb * len(order) // t.num_minibatches:(mb + 1) * len(order) // t.num_minibatches]
+            total = trainer.acc.reduce(torch.tensor(float(len(step_units)), device=trainer.device), "sum").clamp_min(1)
+            trainer.optimizer.zero_grad(set_to_none=True)
+            for start in range(0, len(step_units), t.batch_size):
+                micro = step_units[start:start + t.batch_size]
+                seed = mix_seed(cfg.seed, epoch, inner, mb, start, trainer.rank)
+                for key, v in _micro_loss(trainer, traj, micro, labels, local, total, seed).items():
+                    sums[key] += v
+            norms.append(trainer._optimizer_step())
+            count += 1
+    stats = {key: (v / max(count, 1)).item() for key, v in sums.items()}
+    stats.update({"grad_norm": torch.stack(norms).mean().item() if norms else 0.0, "dragon/units": float(len(units)),
+                  "dragon/pos_frac": (labels == 1).float().mean().item()})
+    return stats
+
+
+def _micro_loss(trainer, traj, micro: torch.Tensor, labels, local, total, seed: int) -> Dict[str, torch.Tensor]:
+    """Backward of one micro-batch of units (pairs share noise and timestep); returns its statistics."""
+    d, dev = trainer.cfg.dragon, trainer.device
+    beta = d.beta if d.beta is not None else DEFAULT_BETA[d.loss]
+    rows = micro.T.flatten()  # winners then losers (paired) or the samples
+    sub = traj.select(rows).to(dev)
+    gen = torch.Generator(dev).manual_seed(seed)
+    noise = torch.randn((len(micro), *sub.final.shape[1:]), generator=gen, device=dev).repeat(micro.shape[1], *[1] * (sub.final.ndim - 1))
+    j = torch.randint(sub.num_steps, (len(micro),), generator=gen, device=dev).repeat(micro.shape[1])
+    r = torch.arange(len(rows), device=dev)
+    args = (sub.final, noise, sub.timesteps[r, j], sub.sigmas[r, j], sub.cond)
+    with trainer._autocast():
+        with torch.no_grad(), trainer._reference():
+            ref = denoising_losses(trainer.policy, *args)
+        model = denoising_losses(trainer.policy, *args)
+    if micro.shape[1] == 2:
+        p = len(micro)
+        per_unit = losses.diffusion_dpo_loss(model[:p], model[p:], ref[:p], ref[p:], beta)
+        margin = (model[:p] - model[p:]) - (ref[:p] - ref[p:])
+        extra = {"dragon/implicit_acc": (margin < 0).float().sum().detach() / total}
+    else:
+        desirable = labels[local[rows.cpu()]] == 1
+        per_unit = losses.diffusion_kto_loss(model, ref, desirable.to(dev), beta)
+        extra = {}
+    loss = per_unit.sum() / total
+    trainer.acc.backward(loss)
+    return {"loss": loss.detach(), "dragon/model_mse": model.detach().sum() / total / micro.shape[1], **extra}
