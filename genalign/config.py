@@ -64,6 +64,10 @@ class ModelConfig:
     """Image width in pixels; None = the model's default."""
     device: Optional[str] = None
     """Device override; None = accelerate's device for this process."""
+    xformers: bool = False
+    """Use xformers attention in the denoiser when xformers is installed and the device is CUDA (else PyTorch SDPA)."""
+    decode_batch_size: Optional[int] = None
+    """VAE-decode at most this many latents at once (lower peak memory at large batches); None = whole batch."""
 
 
 @dataclass
@@ -160,6 +164,9 @@ class TrainConfig:
     """Update the EMA every this many optimizer steps."""
     gradient_checkpointing: bool = False
     """Enable gradient checkpointing in the denoiser (saves activation memory)."""
+    mode: str = "grpo"
+    """Training objective: 'grpo' (clipped policy gradient on per-step log-probs) or 'dragon' (D+ / D- contrast
+    with Diffusion-DPO or -KTO on the flow-matching loss; see dragon.* and genalign.dragon)."""
     step_weighting: str = "none"
     """Per-step policy-loss weights: 'none', 'noise_aware' (TempFlow: w_j = s_j / mean_k s_k with
     s_j = sigma_t(j) sqrt(dt_j), mean over the trainable steps) or 'inverse_dt' (GRPO-Guard: 1/dt_j,
@@ -192,6 +199,36 @@ class CheckpointConfig:
 
 
 @dataclass
+class DragonConfig:
+    loss: str = "dpo"
+    """DRAGON loss on the flow-matching MSE: 'dpo' (Diffusion-DPO; needs pairing 'paired') or 'kto' (Diffusion-KTO)."""
+    beta: Optional[float] = None
+    """Loss temperature; None = 5000 for dpo, 1000 for kto (ALGORITHMS.md section 5)."""
+    criterion: str = "instance"
+    """How D+ / D- are formed: 'instance' (per prompt group, the better half of the rewards -> D+) or 'set'
+    (the rewards are a set reward's per-sample contributions, e.g. frechet_set / vendi; see set_split)."""
+    pairing: str = "paired"
+    """'paired': (D+, D-) pairs within a prompt group share noise and timestep; 'unpaired': every labelled sample."""
+    set_split: str = "loo"
+    """criterion 'set': 'loo' (top half of the leave-one-out contributions over the batch -> D+) or 'greedy'
+    (pair swaps while the set reward of D+ improves; needs exactly one set reward and one process)."""
+    max_swaps: int = 100
+    """set_split 'greedy': at most this many swaps."""
+
+
+@dataclass
+class AdversarialConfig:
+    steps: int = 9
+    """Discriminator steps before each generator round, each on fresh generated images; applies when the reward
+    includes 'adversarial' (Adv-GRPO); 0 keeps the discriminator frozen."""
+    rule: str = "fixed"
+    """'fixed': always `steps` steps; 'while_behind': at most `steps`, each only while the generated images
+    still outscore the references."""
+    num_samples: int = 32
+    """Generated images per discriminator step (training prompts, sampling.num_steps, sampling.noise_level)."""
+
+
+@dataclass
 class Config:
     output_dir: str = "runs/digits"
     """Run directory: metrics.jsonl, checkpoints/, lora/, plots and grids."""
@@ -220,6 +257,8 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dragon: DragonConfig = field(default_factory=DragonConfig)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
     @property
     def samples_per_epoch(self) -> int:
@@ -253,6 +292,7 @@ class Config:
         if not 0 <= t.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
         _choice("train.step_weighting", t.step_weighting, ["none", "noise_aware", "inverse_dt"])
+        self._validate_dragon_adversarial()
         if self.method is not None:
             _choice("method", self.method, sorted(METHOD_PRESETS))
         window, branching = self.window_spec(), self.branching_spec()
@@ -276,6 +316,23 @@ class Config:
                 f"whose samples ({n / t.num_minibatches:g}) are divisible by world_size * train.batch_size = "
                 f"{world_size} * {t.batch_size}")
 
+
+    def _validate_dragon_adversarial(self) -> None:
+        from .dragon import CRITERIA, LOSSES, PAIRINGS, SET_SPLITS
+
+        d, a = self.dragon, self.adversarial
+        _choice("train.mode", self.train.mode, ["grpo", "dragon"])
+        for key, value, valid in (("loss", d.loss, LOSSES), ("criterion", d.criterion, CRITERIA),
+                                  ("pairing", d.pairing, PAIRINGS), ("set_split", d.set_split, SET_SPLITS)):
+            _choice(f"dragon.{key}", value, list(valid))
+        if d.loss == "dpo" and d.pairing != "paired":
+            raise ConfigError("dragon.loss = 'dpo' needs dragon.pairing = 'paired' (use loss 'kto' for unpaired data)")
+        if d.beta is not None and d.beta <= 0:
+            raise ConfigError(f"dragon.beta must be > 0, got {d.beta}")
+        _choice("adversarial.rule", a.rule, ["fixed", "while_behind"])
+        if a.steps < 0 or a.num_samples < 1:
+            raise ConfigError(f"adversarial.steps must be >= 0 and adversarial.num_samples >= 1, got {a.steps}, "
+                              f"{a.num_samples}")
 
     def trainable_steps(self) -> List[int]:
         """Steps a full-SDE rollout trains: the first ``max(1, int(timestep_fraction * n))`` of its n

@@ -86,7 +86,8 @@ def split_labels(trainer, rewards: torch.Tensor, group_ids: torch.Tensor, traj) 
         raise ConfigError("dragon.set_split = 'greedy' needs exactly one set reward with set_score (frechet_set, "
                           f"vendi) and one process; rewards: {trainer.reward_fn.names}, processes: {trainer.world}")
     with torch.no_grad():
-        images = torch.cat([trainer.policy.decode(traj.final[i:i + 64].to(trainer.device)) for i in range(0, len(traj), 64)])
+        final = traj.final.to(trainer.device)
+        images = torch.cat([trainer.policy.decode(final[i:i + 64]) for i in range(0, len(traj), 64)])
     from genalign.rewards.distributional import greedy_split
 
     pos = greedy_split(fns[0].set_score, fns[0].encode(images), max_swaps=d.max_swaps)
@@ -115,7 +116,8 @@ def train_epoch(trainer, epoch: int, traj, rewards: torch.Tensor, group_ids: tor
     count, norms = 0, []
     trainer.denoiser.train()
     for inner in range(t.num_inner_epochs):
-        order = units[torch.randperm(len(units), generator=torch.Generator().manual_seed(mix_seed(cfg.seed, epoch, inner, 11)))]
+        gen = torch.Generator().manual_seed(mix_seed(cfg.seed, epoch, inner, 11))
+        order = units[torch.randperm(len(units), generator=gen)]
         for mb in range(t.num_minibatches):
             step_units = order[mb * len(order) // t.num_minibatches:(mb + 1) * len(order) // t.num_minibatches]
             total = trainer.acc.reduce(torch.tensor(float(len(step_units)), device=trainer.device), "sum").clamp_min(1)
@@ -140,7 +142,8 @@ def _micro_loss(trainer, traj, micro: torch.Tensor, labels, local, total, seed: 
     rows = micro.T.flatten()  # winners then losers (paired) or the samples
     sub = traj.select(rows).to(dev)
     gen = torch.Generator(dev).manual_seed(seed)
-    noise = torch.randn((len(micro), *sub.final.shape[1:]), generator=gen, device=dev).repeat(micro.shape[1], *[1] * (sub.final.ndim - 1))
+    noise = torch.randn((len(micro), *sub.final.shape[1:]), generator=gen, device=dev)
+    noise = noise.repeat(micro.shape[1], *[1] * (noise.ndim - 1))  # pair members share noise and step
     j = torch.randint(sub.num_steps, (len(micro),), generator=gen, device=dev).repeat(micro.shape[1])
     r = torch.arange(len(rows), device=dev)
     args = (sub.final, noise, sub.timesteps[r, j], sub.sigmas[r, j], sub.cond)
@@ -148,7 +151,7 @@ def _micro_loss(trainer, traj, micro: torch.Tensor, labels, local, total, seed: 
         with torch.no_grad(), trainer._reference():
             ref = denoising_losses(trainer.policy, *args)
         model = denoising_losses(trainer.policy, *args)
-    if micro.shape[1] == 2:
+    if d.loss == "dpo":  # units are (winner, loser) pairs
         p = len(micro)
         per_unit = losses.diffusion_dpo_loss(model[:p], model[p:], ref[:p], ref[p:], beta)
         margin = (model[:p] - model[p:]) - (ref[:p] - ref[p:])

@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 import torch
 from tqdm.auto import tqdm
 
-from . import losses, methods
+from . import dragon, losses, methods
 from .advantages import compute_advantages, zero_variance_groups
 from .checkpoint import resolve_resume, save_checkpoint
 from .config import Config, ConfigError, to_dict
@@ -73,6 +73,10 @@ class Trainer:
         if cfg.reward == "digit_correct" or (isinstance(cfg.reward, dict) and "digit_correct" in cfg.reward):
             options.setdefault("digit_correct", {}).setdefault("device", str(self.device))
         self.reward_fn = RewardSet(cfg.reward, options)
+        # Adv-GRPO: a reward model trained between generator rounds (checkpointed with the generator by accelerate)
+        self.adversary = next((fn for _, fn, _ in self.reward_fn.components if hasattr(fn, "discriminator_step")), None)
+        if self.adversary is not None:
+            self.acc.register_for_checkpointing(self.adversary)
 
         from genalign.pipelines import load_policy
 
@@ -80,6 +84,10 @@ class Trainer:
                                   guidance_scale=cfg.model.guidance_scale,
                                   **{k: v for k, v in (("height", cfg.model.height), ("width", cfg.model.width)) if v})
         self.denoiser = self.policy.denoiser()
+        if cfg.model.decode_batch_size and hasattr(self.policy, "decode_batch_size"):
+            self.policy.decode_batch_size = cfg.model.decode_batch_size
+        if cfg.model.xformers and hasattr(self.policy, "enable_xformers"):
+            self.policy.enable_xformers()  # no-op without xformers or off CUDA
         self._setup_trainable()
         self.sampler = KRepeatSampler(len(self.prompts), cfg.sampling.groups_per_epoch, cfg.sampling.group_size,
                                       cfg.seed, self.world, self.rank)
@@ -111,12 +119,13 @@ class Trainer:
             targets = cfg.lora.target_modules or self.policy.lora_target_modules
             add_lora(self.denoiser, cfg.lora.rank, cfg.lora.alpha, targets)
         else:
-            if cfg.train.kl_beta > 0 and cfg.train.reference_copy:
+            needs_reference = cfg.train.kl_beta > 0 or cfg.train.mode == "dragon"
+            if needs_reference and cfg.train.reference_copy:
                 import copy
 
                 self.reference = copy.deepcopy(self.denoiser).eval()
-            elif cfg.train.kl_beta > 0:
-                raise ConfigError("train.kl_beta > 0 with full fine-tuning needs a reference: set "
+            elif needs_reference:
+                raise ConfigError("train.kl_beta > 0 or train.mode = dragon with full fine-tuning needs a reference: set "
                                   "train.reference_copy=true (keeps a frozen copy) or lora.enabled=true")
             self.denoiser.requires_grad_(True)
         self.denoiser.to(self.device)
@@ -164,11 +173,18 @@ class Trainer:
             self._log({"epoch": 0, "global_step": 0, "samples_seen": 0, **self.evaluate(save_before=True)})
         for epoch in range(self.epoch, cfg.num_epochs):
             t_start = time.time()
+            adv_stats = self.train_discriminator(epoch) if self.adversary is not None else {}
             plan = self.plan(epoch)
             traj, rewards, parts, group_ids, local = self.sample_epoch(epoch, plan)
             t_sampled = time.time()
-            adv, valid = self.compute_advantages(rewards, group_ids, plan)
-            stats = self.train_epoch(epoch, traj, adv[local], valid[local], plan.train_steps[local])
+            if cfg.train.mode == "dragon":
+                stats = dragon.train_epoch(self, epoch, traj, rewards, group_ids, local)
+            else:
+                adv, valid = self.compute_advantages(rewards, group_ids, plan)
+                stats = self.train_epoch(epoch, traj, adv[local], valid[local], plan.train_steps[local])
+                stats.update({"adv/mean": adv.mean().item(), "adv/std": adv.std().item(),
+                              "adv/abs_mean": adv.abs().mean().item(),
+                              "groups/zero_std_frac": 1.0 - valid.float().mean().item()})
             t_trained = time.time()
             self.epoch = epoch + 1
             self.samples_seen += cfg.samples_per_epoch
@@ -177,9 +193,7 @@ class Trainer:
                    "model_calls": self.model_calls,
                    "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
                    **{f"reward/{k}/mean": v.mean().item() for k, v in parts.items()},
-                   "adv/mean": adv.mean().item(), "adv/std": adv.std().item(), "adv/abs_mean": adv.abs().mean().item(),
-                   "groups/zero_std_frac": 1.0 - valid.float().mean().item(),
-                   **stats, "lr": self.optimizer.param_groups[0]["lr"],
+                   **stats, **adv_stats, "lr": self.optimizer.param_groups[0]["lr"],
                    "time/sample_s": t_sampled - t_start, "time/train_s": t_trained - t_sampled,
                    "samples_per_s": cfg.samples_per_epoch / max(t_trained - t_start, 1e-9),
                    "elapsed_s": time.time() - t0}
@@ -190,6 +204,20 @@ class Trainer:
             if last or (cfg.checkpoint.every and self.epoch % cfg.checkpoint.every == 0):
                 self.save()
         return self.finish()
+
+    def train_discriminator(self, epoch: int) -> Dict[str, float]:
+        """Adv-GRPO: ``adversarial.steps`` discriminator steps, each on ``adversarial.num_samples`` fresh images
+        of random training prompts (SDE at ``sampling.noise_level``; the same on every process)."""
+        from genalign.rewards.adversarial import discriminator_round
+
+        a, s = self.cfg.adversarial, self.cfg.sampling
+
+        def sample(k: int) -> torch.Tensor:
+            g = torch.Generator().manual_seed(_seed(self.cfg.seed, epoch, k, 13))
+            prompts = [self.prompts[i] for i in torch.randint(len(self.prompts), (a.num_samples,), generator=g)]
+            return self.sample_images(prompts, _seed(self.cfg.seed, epoch, k, 17), s.num_steps, s.noise_level)
+
+        return discriminator_round(self.adversary, sample, a.steps, a.rule, _seed(self.cfg.seed, epoch, 19))
 
     def sample_epoch(self, epoch: int, plan: Optional[EpochPlan] = None):
         """Roll out this process's samples of ``epoch`` (as ``plan`` says; default :meth:`plan`) and score

@@ -82,6 +82,46 @@ def _dino_similarity(device=None, **options):
     return DinoSimilarity(device=device, **options)
 
 
+@register_reward("exemplar_similarity")
+def _exemplar_similarity(device=None, **options):
+    """Cosine to an exemplar set's centroid or k nearest exemplars (options: encoder, references, mode, k)."""
+    from .distributional import ExemplarSimilarity
+
+    return ExemplarSimilarity(device=device, **options)
+
+
+@register_reward("frechet_instance")
+def _frechet_instance(device=None, **options):
+    """-FD of one image's patch tokens / crops to reference statistics (options: encoder, references, source)."""
+    from .distributional import InstanceFrechet
+
+    return InstanceFrechet(device=device, **options)
+
+
+@register_reward("frechet_set")
+def _frechet_set(device=None, **options):
+    """Set-level -FD of the batch to references, leave-one-out per sample (options: encoder, references)."""
+    from .distributional import FrechetSetReward
+
+    return FrechetSetReward(device=device, **options)
+
+
+@register_reward("vendi")
+def _vendi(device=None, **options):
+    """Set-level Vendi diversity (cosine kernel), leave-one-out per sample (options: encoder)."""
+    from .distributional import VendiReward
+
+    return VendiReward(device=device, **options)
+
+
+@register_reward("adversarial")
+def _adversarial(device=None, **options):
+    """Adv-GRPO discriminator on frozen DINOv2 (or digits) tokens, trained by the trainer (options: references, encoder)."""
+    from .adversarial import AdversarialReward
+
+    return AdversarialReward(device=device, **options)
+
+
 @register_reward("ocr")
 def _ocr(**options):
     """1 - normalised edit distance to the prompt's quoted text, needs ``genalign[ocr]`` (options: min_confidence)."""
