@@ -240,14 +240,8 @@ def hapo_clip_bounds(entropy_score: Tensor, eps_low: float = 0.2, eps_high: floa
     return low, high
 
 
-def hapo_redistribute(
-    advantages: Tensor,
-    entropy_score: Tensor,
-    ratio: Tensor,
-    eps_low: Number = 0.2,
-    eps_high: Number = 0.28,
-    beta: float = 1.0,
-) -> Tensor:
+def hapo_redistribute(advantages: Tensor, entropy_score: Tensor, ratio: Tensor, eps_low: Number = 0.2,
+                      eps_high: Number = 0.28, beta: float = 1.0) -> Tensor:
     """HAPO differential advantage redistribution -> ``[B, T]``.
 
     ``A_h = A (1 + beta h)``. A token whose ratio lies in the neutral zone
@@ -264,17 +258,9 @@ def hapo_redistribute(
     return torch.where(use_scaled, scaled, adv)
 
 
-def hapo_surrogate(
-    ratio: Tensor,
-    advantages: Tensor,
-    entropy_score: Tensor,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    dual_clip: Optional[float] = None,
-    clip_alpha: float = 1.0,
-    adv_beta: float = 1.0,
-    return_clipped: bool = False,
-):
+def hapo_surrogate(ratio: Tensor, advantages: Tensor, entropy_score: Tensor, eps_low: float = 0.2, eps_high: float = 0.28,
+                   dual_clip: Optional[float] = None, clip_alpha: float = 1.0, adv_beta: float = 1.0,
+                   return_clipped: bool = False):
     """HAPO loss per token: adaptive bounds + redistributed advantages fed to :func:`ppo_clip`.
 
     ``entropy_score`` ``[B, T]`` in [-1, 1] (see :func:`entropy_score`); all zeros gives DAPO exactly.
