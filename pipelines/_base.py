@@ -299,27 +299,69 @@ class DiffusersPolicy:
                 raise ValueError(f"conditioning {k!r} has batch {cond[k].shape[0]}, latents have {batch}")
         dtype = self.dtype
         x = latents.to(dtype)
-        embeds = {k: cond[k].to(self.device, dtype) for k in self.cond_keys}
         if self.uses_cfg:
             x, t = torch.cat([x, x]), torch.cat([t, t])
-            embeds = {k: torch.cat([cond["negative_" + k].to(self.device, dtype), v]) for k, v in embeds.items()}
-        out = self._forward(x, t, embeds).to(torch.float32)
+        out = self._forward(x, t, self._model_embeds(cond, dtype)).to(torch.float32)
         if self.uses_cfg:
             out = cfg_combine(out, self.cfg_scale)
         return self._postprocess(out, latents, t[:batch])
 
+    _embeds_cache: Optional[tuple] = None  # (key, embeddings, sources)
+
+    def _model_embeds(self, cond: Cond, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+        """``cond_keys`` -> model-dtype tensors on the device; with CFG the batch ``[negative; positive]``.
+
+        The CFG concatenation is cached for the last conditioning seen (same tensor objects, unchanged
+        in place, not requiring grad): a rollout calls :meth:`predict` T times and a training step k times
+        with the same conditioning, so it is built once instead of once per step. The cache holds one
+        entry (the concatenated embeddings and references to their sources).
+        """
+        if not self.uses_cfg:
+            return {k: cond[k].to(self.device, dtype) for k in self.cond_keys}
+        sources = [cond[p + k] for k in self.cond_keys for p in ("negative_", "")]
+        cacheable = not any(v.requires_grad or v.is_inference() for v in sources)
+        key = (dtype, self.device, tuple((id(v), v._version) for v in sources)) if cacheable else None
+        cached = self._embeds_cache
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        embeds = {k: torch.cat([cond["negative_" + k].to(self.device, dtype), cond[k].to(self.device, dtype)])
+                  for k in self.cond_keys}
+        # keep the sources alive with the entry so their ids cannot be reused by other tensors
+        self._embeds_cache = (key, embeds, sources) if key is not None else None
+        return embeds
+
+    # ---------------------------------------------------------------- attention backends
+    def enable_xformers(self) -> bool:
+        """Use xformers memory-efficient attention in the denoiser when xformers is installed and the policy
+        runs on CUDA (xformers refuses CPU tensors); returns whether it was enabled. PyTorch SDPA (the
+        diffusers default processors) is used otherwise; xformers is imported only here, never at load."""
+        import importlib.util
+
+        if self.device.type != "cuda" or importlib.util.find_spec("xformers") is None:
+            return False
+        self.denoiser().enable_xformers_memory_efficient_attention()
+        return True
+
     # ---------------------------------------------------------------- decoding
+    decode_batch_size: Optional[int] = None
+    """Decode at most this many latents per VAE call (None: the whole batch at once); bounds the VAE's
+    activation memory at large rollout batches."""
+
     def _vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Rollout latents -> unpacked VAE-space latents ``[B, C, h, w]`` (identity unless packed)."""
         return latents
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, batch_size: Optional[int] = None) -> torch.Tensor:
         """Latents ``[B, *latent_shape]`` -> images ``[B, 3, H, W]`` float32 in [0, 1].
 
         Undoes the VAE ``scaling_factor`` (and ``shift_factor`` when set). Runs with autograd as called:
-        wrap in ``torch.no_grad()`` unless gradients through the VAE are wanted.
+        wrap in ``torch.no_grad()`` unless gradients through the VAE are wanted. ``batch_size`` (default
+        :attr:`decode_batch_size`) decodes in chunks of that many latents (same images, lower peak memory).
         """
         self._check_latents(latents)
+        chunk = batch_size or self.decode_batch_size
+        if chunk and latents.shape[0] > chunk:
+            return torch.cat([self.decode(part, chunk) for part in latents.split(int(chunk))])
         vae = self.pipe.vae
         z = self._vae_latents(latents) / vae.config.scaling_factor
         shift = vae.config.get("shift_factor", None)

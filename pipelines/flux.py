@@ -106,8 +106,13 @@ class FluxPolicy(DiffusersPolicy):
         from diffusers import FluxPipeline
 
         h, w = self.latent_size
-        img_ids = FluxPipeline._prepare_latent_image_ids(None, h // 2, w // 2, self.device, dtype)
-        return img_ids, torch.zeros(text_len, 3, device=self.device, dtype=dtype)
+        key = (text_len, dtype, self.device, h, w)
+        cache = self.__dict__.setdefault("_ids_cache", {})
+        if key not in cache:  # built once per shape, not once per denoising step (never modified: read only)
+            cache.clear()
+            img_ids = FluxPipeline._prepare_latent_image_ids(None, h // 2, w // 2, self.device, dtype)
+            cache[key] = (img_ids, torch.zeros(text_len, 3, device=self.device, dtype=dtype))
+        return cache[key]
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, embeds: Dict[str, torch.Tensor]) -> torch.Tensor:
         prompt_embeds = embeds["prompt_embeds"]

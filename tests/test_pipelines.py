@@ -184,3 +184,19 @@ def test_sd3_encode_with_tiny_clip_encoders(tmp_path):
     loaded = SD3Policy.from_pretrained(tm.save_pipeline(policy.pipe, tmp_path / "sd3clip"), device="cpu")
     loaded.max_sequence_length = 8
     assert torch.equal(loaded.encode(["a cat"])["prompt_embeds"], cond["prompt_embeds"][:1])
+
+
+def test_chunked_decode_and_cached_cfg_embeddings_change_nothing():
+    policy, cond = _policy_and_cond("sd3")
+    latents = policy.initial_latents(2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        # chunks of 1 vs the whole batch: batched convolutions may differ in the last bits
+        torch.testing.assert_close(policy.decode(latents, batch_size=1), policy.decode(latents), rtol=1e-4, atol=1e-5)
+        t = policy.schedule(4)[0][1].expand(2)
+        first = policy.predict(latents, t, cond)
+        again = policy.predict(latents, t, cond)  # served from the CFG embedding cache
+        fresh = policy.predict(latents, t, {k: v.clone() for k, v in cond.items()})
+        cond["prompt_embeds"].mul_(2)  # in-place change invalidates the cache
+        changed = policy.predict(latents, t, cond)
+    assert torch.equal(first, again) and torch.equal(first, fresh) and not torch.equal(first, changed)
+    assert policy.enable_xformers() is False  # CPU: PyTorch SDPA stays
