@@ -572,9 +572,13 @@ class Trainer:
         if after is None or not os.path.isfile(before_path) or self.world > 1:
             return
         before = load_file(before_path)["images"]
-        n = min(len(before), len(after), 8 * self.cfg.eval.num_per_prompt)
-        save_image_grid([before[:n], after[:n]], os.path.join(self.cfg.output_dir, "before_after.png"),
-                        columns=self.cfg.eval.num_per_prompt, titles=["before", "after"])
+        if len(before) != len(after):
+            return
+        # eval images are prompt-major: show the first 8 prompts x at most 8 images each (same noise per cell)
+        per, cols = self.cfg.eval.num_per_prompt, min(8, self.cfg.eval.num_per_prompt)
+        keep = torch.tensor([p * per + c for p in range(min(8, len(after) // per)) for c in range(cols)])
+        save_image_grid([before[keep], after[keep]], os.path.join(self.cfg.output_dir, "before_after.png"),
+                        columns=cols, titles=["before", "after"])
 
 
 # ---------------------------------------------------------------------- helpers
