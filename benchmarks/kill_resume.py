@@ -140,7 +140,8 @@ def main(argv=None) -> int:
             in_ckpt = kills % 4 == 3  # every fourth kill targets a checkpoint being written
             # otherwise: a random epoch still to come, a random phase of it, a random delay into it
             epoch = rng.randint(_completed_epochs(run_dir) + 1, args.epochs)
-            after = None if in_ckpt else (f"epoch {epoch} {rng.choice(['sampling', 'training'])}", rng.uniform(0, 0.6))
+            phase = rng.choice(["sampling", "training"])  # sampling (rollout + reward) lasts ~0.3 s here
+            after = None if in_ckpt else (f"epoch {epoch} {phase}", rng.uniform(0, 0.1 if phase == "sampling" else 0.6))
             ev = run_once(run_dir, args.epochs, resume, after, in_ckpt, os.path.join(args.work + f"_{len(events)}.log"))
         else:
             ev = run_once(run_dir, args.epochs, resume, None, False, os.path.join(args.work + f"_{len(events)}.log"))
