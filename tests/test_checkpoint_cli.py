@@ -80,3 +80,17 @@ def test_cli_reports_config_errors_and_unavailable_commands(tmp_path, capsys):
 def test_console_script_help_runs():
     out = subprocess.run([sys.executable, "-m", "genalign.cli", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "train" in out.stdout and "sample" in out.stdout
+
+
+def test_module_cli_runs_from_a_source_checkout_without_the_install_mapping(tmp_path):
+    """`python -m genalign.cli` in the repository root finds genalign.pipelines/rewards/assets in the checkout,
+    whether genalign is installed editable, installed normally (shadowed by ./genalign) or not at all."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__name__.lower() "
+            "and 'editable' not in getattr(f, '__name__', '').lower()]; "
+            "import genalign.pipelines, genalign.rewards, genalign.assets; print(genalign.pipelines.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(root / "pipelines" / "__init__.py")
