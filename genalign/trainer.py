@@ -69,10 +69,8 @@ class Trainer:
                               f"images cannot be shared by {self.world} processes (each needs at least one)")
         from genalign.rewards import RewardSet
 
-        options = {k: dict(v) for k, v in cfg.reward_options.items()}
-        if cfg.reward == "digit_correct" or (isinstance(cfg.reward, dict) and "digit_correct" in cfg.reward):
-            options.setdefault("digit_correct", {}).setdefault("device", str(self.device))
-        self.reward_fn = RewardSet(cfg.reward, options)
+        # every built-in reward model goes to this process's device unless its options say otherwise
+        self.reward_fn = RewardSet(cfg.reward, cfg.reward_options, device=str(self.device))
         # Adv-GRPO: a reward model trained between generator rounds (checkpointed with the generator by accelerate)
         self.adversary = next((fn for _, fn, _ in self.reward_fn.components if hasattr(fn, "discriminator_step")), None)
         if self.adversary is not None:
