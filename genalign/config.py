@@ -142,16 +142,33 @@ class TrainConfig:
     """PPO clip epsilon (upper side); None = clip_range."""
     kl_beta: float = 0.0
     """Coefficient of the Gaussian mean KL to the reference policy (LoRA: adapters disabled)."""
+    kl_form: str = "exact"
+    """Gaussian KL scale: 'exact' (KL of the transitions, divided by the transition variance
+    (sigma_t sqrt(dt))^2) or 'flow_grpo' (flow_grpo's code: the SDE step divides by sigma_t^2 only, i.e. the
+    exact KL times dt_j, 4x-28x weaker on SD3's 10-step shift-3 schedule; a kl_beta copied from a flow_grpo
+    config needs this form; CPS steps have no sqrt(dt) in their std, so both forms agree there). The KL is
+    reduced over elements like the log-probs (sampling.log_prob_reduction)."""
     reference_copy: bool = False
     """Full fine-tuning with kl_beta > 0: keep a frozen copy of the denoiser as the reference."""
     advantage: str = "grpo"
     """Advantage estimator name (see genalign.advantages)."""
     advantage_std: str = "group"
     """Advantage scaling: 'group' std, 'batch' (global) std, or 'none' (Dr.GRPO)."""
+    advantage_unbiased_std: bool = False
+    """Scale advantages by the unbiased (n - 1) std instead of the population (n) std; TRL and verl use the
+    unbiased one, Flow-GRPO's code the population one."""
     advantage_clip: float = 5.0
     """Clamp advantages to +- this value."""
     filter_zero_std_groups: bool = True
-    """Groups whose rewards are all equal contribute no policy-gradient tokens."""
+    """Groups whose rewards are all equal contribute no policy-gradient tokens (and do not count in the
+    loss denominator)."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: after sampling an epoch, drop groups whose rewards are all equal and sample further
+    rounds of groups (new prompts, new noise) until sampling.groups_per_epoch groups with reward variance are
+    collected; the first ones in sampling order are trained."""
+    dynamic_sampling_max_rounds: int = 4
+    """Dynamic sampling: at most this many sampling rounds per epoch (the first included); when fewer groups
+    with reward variance exist after the last round, the epoch trains on those and logs a warning."""
     surrogate: str = "ppo_clip"
     """Surrogate objective name (see genalign.losses)."""
     aggregation: str = "token_mean"
@@ -224,6 +241,9 @@ class AdversarialConfig:
     rule: str = "fixed"
     """'fixed': always `steps` steps; 'while_behind': at most `steps`, each only while the generated images
     still outscore the references."""
+    pause_every: int = 0
+    """Skip the discriminator round every this many epochs (epochs e with (e + 1) % pause_every == 0);
+    0 never skips. The released Adv-GRPO code trains the discriminator 9 of every 10 epochs (10)."""
     num_samples: int = 32
     """Generated images per discriminator step (training prompts, sampling.num_steps, sampling.noise_level)."""
 
@@ -272,11 +292,14 @@ class Config:
         _choice("model.dtype", self.model.dtype, ["float32", "bfloat16", "float16"])
         _choice("mixed_precision", self.mixed_precision, ["no", "bf16", "fp16"])
         _choice("train.advantage_std", t.advantage_std, ["group", "batch", "none"])
+        _choice("train.kl_form", t.kl_form, ["exact", "flow_grpo"])
         for key, val, lo in [("sampling.num_steps", s.num_steps, 1), ("sampling.groups_per_epoch", s.groups_per_epoch, 1),
                              ("sampling.batch_size", s.batch_size, 1), ("train.batch_size", t.batch_size, 1),
                              ("train.num_minibatches", t.num_minibatches, 1), ("train.num_inner_epochs", t.num_inner_epochs, 1),
                              ("num_epochs", self.num_epochs, 0), ("lora.rank", self.lora.rank, 1),
-                             ("train.ema_every", t.ema_every, 1), ("checkpoint.keep_last", self.checkpoint.keep_last, 1)]:
+                             ("train.ema_every", t.ema_every, 1), ("checkpoint.keep_last", self.checkpoint.keep_last, 1),
+                             ("train.dynamic_sampling_max_rounds", t.dynamic_sampling_max_rounds, 1),
+                             ("adversarial.pause_every", self.adversarial.pause_every, 0)]:
             if val < lo:
                 raise ConfigError(f"{key} must be >= {lo}, got {val}")
         if s.group_size < 2:
@@ -292,6 +315,7 @@ class Config:
         if not 0 <= t.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
         _choice("train.step_weighting", t.step_weighting, ["none", "noise_aware", "inverse_dt"])
+        self._validate_deterministic_steps()
         self._validate_dragon_adversarial()
         if self.method is not None:
             _choice("method", self.method, sorted(METHOD_PRESETS))
@@ -333,6 +357,16 @@ class Config:
         if a.steps < 0 or a.num_samples < 1:
             raise ConfigError(f"adversarial.steps must be >= 0 and adversarial.num_samples >= 1, got {a.steps}, "
                               f"{a.num_samples}")
+
+    def _validate_deterministic_steps(self) -> None:
+        """Refuse to train a step whose transition is deterministic by construction (std 0: no density, so
+        no log-ratio, KL or RatioNorm): the CPS step onto sigma' = 0 (std = sigma' sin(a pi / 2) = 0)."""
+        s = self.sampling
+        if s.step_kind == "cps" and s.noise_level > 0 and (s.num_steps - 1) in self.trainable_steps():
+            raise ConfigError(
+                f"sampling.step_kind = 'cps' would train its last step (step {s.num_steps - 1}, onto sigma' = 0), "
+                f"whose std is 0: it has no density, so no log-ratio or KL. Set sampling.last_step_deterministic=true "
+                f"or train.timestep_fraction < 1 (now {self.train.timestep_fraction}) so that the last step is not trained")
 
     def trainable_steps(self) -> List[int]:
         """Steps a full-SDE rollout trains: the first ``max(1, int(timestep_fraction * n))`` of its n
