@@ -323,6 +323,10 @@ class Config:
         if window and branching:
             raise ConfigError("sampling.window and sampling.branching cannot both be set (branching has its own "
                               "one-step SDE windows)")
+        if t.dynamic_sampling and (branching or t.mode == "dragon"):
+            raise ConfigError("train.dynamic_sampling refills prompt groups of the policy-gradient objective; it cannot "
+                              "be combined with sampling.branching (TempFlow groups are per seed and step) or "
+                              "train.mode = 'dragon'")
         if branching:
             need = branching["seeds"] * branching["branches"] * branching["num_steps"]
             if s.group_size != need:

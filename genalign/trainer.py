@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 
 from . import dragon, losses, methods
 from .advantages import compute_advantages, zero_variance_groups
-from .checkpoint import resolve_resume, save_checkpoint
+from .checkpoint import latest_checkpoint, resolve_resume, save_checkpoint
 from .config import Config, ConfigError, to_dict
 from .ema import EMA
 from .lora import adapters_disabled, add_lora, forward_of, has_lora, save_lora
@@ -36,6 +37,12 @@ from .rollout import Trajectory, gather_steps, recompute_step, rollout
 from .sde import gaussian_kl
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient became NaN/inf; the optimizer step was skipped, so the weights are unchanged."""
+
+
 # aggregations that decompose over per-step backward passes (all samples have the same k steps, so
 # seq_mean_token_mean equals 'constant' with normaliser k)
 _STEPWISE_AGG = {"token_mean", "seq_mean_token_sum", "constant", "seq_mean_token_mean"}
@@ -94,6 +101,7 @@ class Trainer:
         # extra evaluation metrics: callables (eval images [N, 3, H, W], prompts) -> {name: float} (one process)
         self.eval_hooks: List = []
         self._diagnostics: Optional[methods.StepDiagnostics] = None  # per-step ratio statistics of train_epoch
+        self._nonfinite: Optional[torch.Tensor] = None  # [T, 2] non-finite token counts (policy, KL) of train_epoch
         self.metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
         if resume:
             self._load(resolve_resume(cfg.output_dir, resume))
@@ -171,12 +179,21 @@ class Trainer:
             self._log({"epoch": 0, "global_step": 0, "samples_seen": 0, **self.evaluate(save_before=True)})
         for epoch in range(self.epoch, cfg.num_epochs):
             t_start = time.time()
-            adv_stats = self.train_discriminator(epoch) if self.adversary is not None else {}
+            adv_stats = {}
+            if self.adversary is not None:
+                pause = cfg.adversarial.pause_every
+                adv_stats = {"disc/paused": 1.0} if pause and (epoch + 1) % pause == 0 else self.train_discriminator(epoch)
             plan = self.plan(epoch)
-            traj, rewards, parts, group_ids, local = self.sample_epoch(epoch, plan)
+            if cfg.train.dynamic_sampling:
+                traj, rewards, parts, group_ids, local, plan, dyn_stats = self.dynamic_sample_epoch(epoch, plan)
+                adv_stats.update(dyn_stats)
+            else:
+                traj, rewards, parts, group_ids, local = self.sample_epoch(epoch, plan)
             t_sampled = time.time()
             if cfg.train.mode == "dragon":
                 stats = dragon.train_epoch(self, epoch, traj, rewards, group_ids, local)
+            elif len(rewards) == 0:  # dynamic sampling found no group with reward variance: nothing to train
+                stats = {}
             else:
                 adv, valid = self.compute_advantages(rewards, group_ids, plan)
                 stats = self.train_epoch(epoch, traj, adv[local], valid[local], plan.train_steps[local])
@@ -185,15 +202,16 @@ class Trainer:
                               "groups/zero_std_frac": 1.0 - valid.float().mean().item()})
             t_trained = time.time()
             self.epoch = epoch + 1
-            self.samples_seen += cfg.samples_per_epoch
+            n_sampled = cfg.samples_per_epoch * int(adv_stats.get("dynamic/rounds", 1))
+            self.samples_seen += n_sampled
             self.model_calls += plan.model_calls  # sampling forwards per image (TempFlow: T per main + T - j per branch)
             row = {"epoch": self.epoch, "global_step": self.global_step, "samples_seen": self.samples_seen,
                    "model_calls": self.model_calls,
-                   "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+                   **({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item()} if len(rewards) else {}),
                    **{f"reward/{k}/mean": v.mean().item() for k, v in parts.items()},
                    **stats, **adv_stats, "lr": self.optimizer.param_groups[0]["lr"],
                    "time/sample_s": t_sampled - t_start, "time/train_s": t_trained - t_sampled,
-                   "samples_per_s": cfg.samples_per_epoch / max(t_trained - t_start, 1e-9),
+                   "samples_per_s": n_sampled / max(t_trained - t_start, 1e-9),
                    "elapsed_s": time.time() - t0}
             last = self.epoch == cfg.num_epochs
             if self.eval_prompts and (last or (cfg.eval.every and self.epoch % cfg.eval.every == 0)):
@@ -217,29 +235,31 @@ class Trainer:
 
         return discriminator_round(self.adversary, sample, a.steps, a.rule, _seed(self.cfg.seed, epoch, 19))
 
-    def sample_epoch(self, epoch: int, plan: Optional[EpochPlan] = None):
+    def sample_epoch(self, epoch: int, plan: Optional[EpochPlan] = None, draw: Optional[int] = None):
         """Roll out this process's samples of ``epoch`` (as ``plan`` says; default :meth:`plan`) and score
-        them; rewards are gathered globally.
+        them; rewards are gathered globally. ``draw`` (default ``epoch``) seeds the prompts and the noise:
+        dynamic sampling's extra rounds use other draws of the same epoch.
 
         Returns ``(local trajectory, global rewards [N], global parts, global group ids [N], local positions)``.
         """
         cfg, s = self.cfg, self.cfg.sampling
-        prompt_idx, group_ids, local = self.sampler.epoch(epoch)
+        draw = epoch if draw is None else draw
+        prompt_idx, group_ids, local = self.sampler.epoch(draw)
         prompts = [self.prompts[prompt_idx[i]] for i in local]
         mine = (plan or self.plan(epoch)).select(torch.tensor(local))
         trajs, futures, branches = [], [], None
         pool = ThreadPoolExecutor(1) if s.async_rewards else None
         self.denoiser.eval()
         if mine.branch_step is not None:  # TempFlow: all local branches at once (each main ODE runs once)
-            gen = torch.Generator(self.device).manual_seed(_seed(cfg.seed, epoch, self.rank))
+            gen = torch.Generator(self.device).manual_seed(_seed(cfg.seed, draw, self.rank))
             with self._autocast():
                 branches = methods.branch_rollout(self.policy, self.policy.encode(prompts), prompts, mine,
-                                                  _seed(cfg.seed, epoch), s.step_kind, s.batch_size, generator=gen,
+                                                  _seed(cfg.seed, draw), s.step_kind, s.batch_size, generator=gen,
                                                   reduction=s.log_prob_reduction)
         batches = range(0, len(prompts), s.batch_size)
         for b, start in enumerate(tqdm(batches, desc=f"epoch {epoch + 1} sampling", disable=not self.is_main, leave=False)):
             batch_prompts = prompts[start:start + s.batch_size]
-            gen = torch.Generator(self.device).manual_seed(_seed(cfg.seed, epoch, self.rank, b))
+            gen = torch.Generator(self.device).manual_seed(_seed(cfg.seed, draw, self.rank, b))
             with self._autocast():
                 if branches is not None:
                     traj = branches.select(slice(start, start + s.batch_size))
@@ -261,6 +281,45 @@ class Trainer:
         parts_all = {k: self.acc.gather(v.to(self.device)).cpu() for k, v in parts.items()}
         return Trajectory.cat(trajs), rewards_all, parts_all, group_ids, torch.tensor(local)
 
+    def dynamic_sample_epoch(self, epoch: int, plan: EpochPlan):
+        """DAPO dynamic sampling: sample rounds of ``groups_per_epoch`` groups (round 0 is the plain epoch,
+        round r > 0 draws new prompts and noise) until ``groups_per_epoch`` groups with reward variance exist
+        or ``train.dynamic_sampling_max_rounds`` rounds ran; keep the first such groups in sampling order.
+
+        Returns :meth:`sample_epoch`'s tuple restricted to the kept groups (global arrays re-indexed, group ids
+        unique over rounds), the kept rows of the plan and ``dynamic/*`` statistics. Processes may keep
+        different numbers of local samples; the loss stays normalised by global counts.
+        """
+        cfg = self.cfg
+        need, n = cfg.sampling.groups_per_epoch, cfg.samples_per_epoch
+        rounds, kept = [], 0
+        while kept < need and len(rounds) < cfg.train.dynamic_sampling_max_rounds:
+            r = len(rounds)
+            draw = epoch if r == 0 else _seed(epoch, r, 31)
+            p = plan if r == 0 else methods.plan_epoch(cfg, epoch, self.sampler.epoch(draw)[1], self.noise_levels)
+            traj, rewards, parts, group_ids, local = self.sample_epoch(epoch, p, draw)
+            rounds.append((traj, rewards, parts, group_ids + r * need, torch.as_tensor(local) + r * n, p))
+            kept += len(set(group_ids[~zero_variance_groups(rewards, group_ids)].tolist()))
+        rewards = torch.cat([r[1] for r in rounds])
+        group_ids = torch.cat([r[3] for r in rounds])
+        good = group_ids[~zero_variance_groups(rewards, group_ids)]
+        chosen = list(dict.fromkeys(good.tolist()))[:need]  # first groups with variance, in sampling order
+        keep = torch.isin(group_ids, torch.tensor(chosen, dtype=group_ids.dtype))
+        new_pos = torch.cumsum(keep.long(), 0) - 1
+        local_all = torch.cat([r[4] for r in rounds])
+        mine = keep[local_all]
+        traj = Trajectory.cat([r[0] for r in rounds]).select(mine.nonzero().flatten())
+        parts = {k: torch.cat([r[2][k] for r in rounds])[keep] for k in rounds[0][2]}
+        plans = [r[5] for r in rounds]
+        plan = EpochPlan(torch.cat([q.levels for q in plans])[keep], torch.cat([q.train_steps for q in plans])[keep],
+                         sum(q.model_calls for q in plans))
+        stats = {"dynamic/rounds": float(len(rounds)), "dynamic/groups_kept": float(len(chosen)),
+                 "dynamic/groups_with_variance": float(len(set(good.tolist())))}
+        if len(chosen) < need and self.is_main:
+            warnings.warn(f"epoch {epoch + 1}: dynamic sampling found only {len(chosen)} of {need} groups with reward "
+                          f"variance in {len(rounds)} rounds (train.dynamic_sampling_max_rounds); training on those")
+        return traj, rewards[keep], parts, group_ids[keep], new_pos[local_all[mine]], plan, stats
+
     def _score(self, images, prompts, meta, epoch, batch_index):
         from genalign.rewards import RewardError
 
@@ -269,8 +328,16 @@ class Trainer:
         except RewardError as exc:
             kept = self._keep_failed_batch(images, prompts, epoch, batch_index)
             raise RewardError(f"{exc} [epoch {epoch + 1}, rank {self.rank}, batch {batch_index}; the batch's "
-                              f"images and prompts are kept in {kept}; fix the reward and resume from the last "
-                              f"checkpoint]", exc.reward, exc.indices) from exc
+                              f"images and prompts are kept in {kept}; fix the reward, then {self._resume_hint()}]",
+                              exc.reward, exc.indices) from exc
+
+    def _resume_hint(self) -> str:
+        """Where a failed run can continue from: the newest complete checkpoint, or that none exists."""
+        path = latest_checkpoint(os.path.join(self.cfg.output_dir, "checkpoints"))
+        if path is None:
+            return ("no checkpoint exists yet, so the run restarts from scratch (checkpoint.every = "
+                    f"{self.cfg.checkpoint.every}; set it > 0 to save during training)")
+        return f"resume from {path} with --resume latest"
 
     def _keep_failed_batch(self, images, prompts, epoch, batch_index) -> str:
         from safetensors.torch import save_file
@@ -296,7 +363,8 @@ class Trainer:
             adv = adv.clamp(-t.advantage_clip, t.advantage_clip)
             group_ids = plan.seed_ids * self.cfg.sampling.num_steps + steps
         else:
-            adv = compute_advantages(t.advantage, rewards, group_ids, std=t.advantage_std, clip=t.advantage_clip)
+            extra = {"unbiased": True} if t.advantage_unbiased_std else {}
+            adv = compute_advantages(t.advantage, rewards, group_ids, std=t.advantage_std, clip=t.advantage_clip, **extra)
         valid = torch.ones_like(rewards, dtype=torch.bool)
         if t.filter_zero_std_groups:
             valid = ~zero_variance_groups(rewards, group_ids)
@@ -311,7 +379,8 @@ class Trainer:
             train_steps = torch.tensor(self.trainable_steps()).expand(len(traj), -1)
         n_local, k = train_steps.shape
         self._diagnostics = methods.StepDiagnostics(cfg.sampling.num_steps, self.device)
-        per_step_local = n_local // t.num_minibatches
+        # non-finite (policy log-prob, KL) token counts per denoising step since the last optimizer step
+        self._nonfinite = torch.zeros(cfg.sampling.num_steps, 2, device=self.device)
         adv, valid = adv.to(self.device), valid.to(self.device)
         sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         count, grad_norms = 0, []
@@ -323,13 +392,15 @@ class Trainer:
                 step_idx = torch.stack([row[torch.randperm(k, generator=gen)] for row in train_steps])
             else:
                 step_idx = train_steps
-            for mb in tqdm(range(t.num_minibatches), desc=f"epoch {epoch + 1} training", disable=not self.is_main, leave=False):
-                ids = order[mb * per_step_local:(mb + 1) * per_step_local]
+            # equal parts; with dynamic sampling processes may hold different numbers of samples
+            for mb, ids in enumerate(tqdm(torch.tensor_split(order, t.num_minibatches), desc=f"epoch {epoch + 1} training",
+                                          disable=not self.is_main, leave=False)):
                 self.optimizer.zero_grad(set_to_none=True)
-                for key, v in self.accumulate(traj, adv, valid, ids, step_idx[ids]).items():
+                step_stats = self.accumulate(traj, adv, valid, ids, step_idx[ids])
+                for key, v in step_stats.items():
                     sums[key] += v
                 count += 1
-                grad_norms.append(self._optimizer_step())
+                grad_norms.append(self._optimizer_step(epoch, step_stats.get("loss")))
         stats = {key: (v / count).item() for key, v in sums.items()}
         stats["grad_norm"] = torch.stack(grad_norms).mean().item()
         stats.update(self._diagnostics.metrics(self.acc.reduce if self.world > 1 else None))
@@ -346,8 +417,11 @@ class Trainer:
         t = self.cfg.train
         k = step_idx.shape[1]
         ids_dev = ids.to(self.device)
-        num_tokens = self.acc.reduce(valid[ids_dev].sum().float() * k, "sum").clamp_min(1)
-        num_seqs = float(len(ids) * self.world)
+        # a token is a (sample, step) pair of a valid sample at a stochastic step (std 0: no density, not trained)
+        stochastic = traj.stds[ids[:, None].to(traj.stds.device), step_idx.to(traj.stds.device)] > 0
+        counts = torch.stack([(valid[ids_dev, None] & stochastic.to(self.device)).sum().float(),
+                              torch.tensor(float(len(ids)), device=self.device)])
+        num_tokens, num_seqs = self.acc.reduce(counts, "sum").clamp_min(1).unbind()
         sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         n_micro = 0
         for start in range(0, len(ids), t.batch_size):
@@ -369,26 +443,32 @@ class Trainer:
         out_stats: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         for c in range(k):
             j = step_idx[:, c].to(self.device)
+            std = gather_steps(sub.stds, j)
+            tokens = valid & (std > 0)  # a deterministic transition carries no density: no ratio, KL or RatioNorm
+            safe = torch.where(std > 0, std, torch.ones_like(std))  # masked tokens: any finite value (finite grads)
             with self._autocast():
                 step = recompute_step(self.policy, sub, j)
                 kl = None
                 if t.kl_beta > 0:
                     with torch.no_grad(), self._reference():
                         ref_mean = recompute_step(self.policy, sub, j).mean
-                    kl = gaussian_kl(step.mean, ref_mean, gather_steps(sub.stds, j))[:, None]
+                    kl = gaussian_kl(step.mean, ref_mean, self._kl_std(sub, j, safe), sub.reduction)[:, None]
             old, logp = gather_steps(sub.log_probs, j), step.log_prob
             if t.ratio_norm:
-                logp = methods.ratio_norm(logp, old, step.mean, gather_steps(sub.means, j), gather_steps(sub.stds, j),
-                                          sub.reduction)
+                logp = methods.ratio_norm(logp, old, step.mean, gather_steps(sub.means, j), safe, sub.reduction)
+            if getattr(self, "_nonfinite", None) is not None:
+                self._nonfinite.index_add_(0, j, torch.stack(
+                    [~torch.isfinite(logp), ~torch.isfinite(kl[:, 0]) if kl is not None else torch.zeros_like(tokens)],
+                    1).float() * tokens[:, None])
             weights = None
             if t.step_weighting != "none":
                 weights = gather_steps(methods.step_weight_table(t.step_weighting, sub.sigmas, self.trainable_steps()), j)
             loss, st = losses.policy_loss(
-                logp[:, None], old[:, None], adv, valid[:, None], surrogate=t.surrogate, aggregation=agg,
+                logp[:, None], old[:, None], adv, tokens[:, None], surrogate=t.surrogate, aggregation=agg,
                 eps_low=t.clip_range, eps_high=t.clip_range_high, num_tokens=num_tokens, num_seqs=num_seqs,
                 normalizer=k, kl=kl, kl_coef=t.kl_beta, weights=weights)
             self.acc.backward(loss)
-            self._log_step_ratios(j, logp.detach() - old, adv, valid)
+            self._log_step_ratios(j, logp.detach() - old, adv, tokens)
             for key, v in st.items():
                 out_stats[key] += v / k
             out_stats["loss"] += loss.detach()
@@ -402,7 +482,17 @@ class Trainer:
                                                         eps_high=t.clip_range_high).clipped[:, 0]
             self._diagnostics.add(j, log_r, adv, valid, clipped)
 
-    def _optimizer_step(self) -> torch.Tensor:
+    def _kl_std(self, sub: Trajectory, j: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """Std dividing the Gaussian KL: the transition std ('exact'), or for the SDE step flow_grpo's
+        diffusion coefficient sigma_t = std / sqrt(dt) (train.kl_form = 'flow_grpo': the exact KL times dt)."""
+        if self.cfg.train.kl_form == "exact" or sub.step_kind != "sde":
+            return std
+        dt = gather_steps(sub.sigmas, j) - gather_steps(sub.sigmas, j + 1)
+        return std / dt.sqrt()
+
+    def _optimizer_step(self, epoch: int = 0, loss: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Reduce, check, clip and apply the accumulated gradients; a NaN/inf gradient raises
+        :class:`NonFiniteError` before any weight changes."""
         if self.world > 1:  # sum gradients over processes (losses are normalised by global counts)
             for p in self.params:
                 if p.grad is None:
@@ -413,11 +503,32 @@ class Trainer:
             norm = self.acc.clip_grad_norm_(self.params, t.max_grad_norm)
         else:
             norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
+        if not torch.isfinite(torch.as_tensor(norm)):  # one host sync per optimizer step; identical on every process
+            self._raise_nonfinite(epoch, norm, loss)
         self.optimizer.step()
+        if getattr(self, "_nonfinite", None) is not None:
+            self._nonfinite.zero_()
         self.global_step += 1
         if self.ema is not None:
             self.ema.step(self.global_step)
         return torch.as_tensor(norm, device=self.device).float()
+
+    def _raise_nonfinite(self, epoch: int, norm, loss) -> None:
+        table = getattr(self, "_nonfinite", None)
+        table = self.acc.reduce(table, "sum") if table is not None and self.world > 1 else table
+        terms = []
+        if table is not None:
+            for col, name in enumerate(("policy log-prob / ratio", "KL to the reference")):
+                steps = table[:, col].nonzero().flatten().tolist()
+                if steps:
+                    terms.append(f"{name} at denoising step(s) {steps}")
+        where = "; ".join(terms) or (f"the gradient (loss {float(loss):.4g})" if loss is not None else "the gradient")
+        self.optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteError(
+            f"non-finite loss or gradient (grad norm {float(norm)}) at epoch {epoch + 1}, optimizer step "
+            f"{self.global_step + 1}: {where}. The optimizer step was skipped, so the weights are unchanged; "
+            f"{self._resume_hint()}. Check the rewards' scale, train.lr, train.kl_beta and the dtype "
+            f"(model.dtype / mixed_precision)")
 
     def _reference(self):
         if self.reference is not None:

@@ -24,3 +24,13 @@ def raises(images, prompts, metadata):
 
 def named_parts(images, prompts, metadata):
     return {"score": images.mean(dim=(1, 2, 3)), "contrast": images.std(dim=(1, 2, 3))}
+
+
+def flat_for_cat(images, prompts, metadata):
+    """Constant for 'a cat' (a zero-variance group: no GRPO signal), brightness otherwise."""
+    scores = images.mean(dim=(1, 2, 3))
+    return torch.stack([torch.zeros(()) if p == "a cat" else s for p, s in zip(prompts, scores)])
+
+
+def constant(images, prompts, metadata):
+    return torch.ones(len(prompts))
