@@ -167,6 +167,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"genalign {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # a failing reward or a non-finite loss: the message says what to do next
+        from genalign.rewards import RewardError
+
+        from .trainer import NonFiniteError
+
+        if not isinstance(exc, (RewardError, NonFiniteError)):
+            raise
+        print(f"genalign {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

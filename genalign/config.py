@@ -93,8 +93,14 @@ class SamplingConfig:
     window: Optional[Dict[str, Any]] = None
     """SDE window (only its steps are stochastic and trained; ODE elsewhere): null, ``{kind: fast, size: 2,
     max_start: null}`` (Flow-GRPO-Fast: start drawn per group in [0, max_start], null = T//2 - size) or
-    ``{kind: mixgrpo, size: 4, shift_every: 25}`` (start slides by one step every shift_every epochs,
-    wrapping). Windows lie within the trainable steps (see train.timestep_fraction)."""
+    ``{kind: mixgrpo, size: 4, shift_every: 25, stride: 1, schedule: wrap}`` (MixGRPO, arXiv 2507.21802: one
+    window for all samples of an epoch, moved by ``stride`` steps every ``shift_every`` epochs; stride 0 = a
+    frozen window). ``schedule``: 'wrap' (default: start ``stride * q mod (n - size + 1)`` with
+    ``q = epoch // shift_every``, always ``size`` steps), 'roll_back' (the released MixGRPO scripts: the
+    window is cut at the last trainable step, so it shrinks to ``n - start`` steps near the end, then
+    restarts at step 0) or 'random' (start drawn uniformly in [0, n - size] every shift_every epochs from
+    (seed, q), stride unused; the released random strategy redraws every iteration: shift_every 1). Windows lie within the
+    n trainable steps (see train.timestep_fraction; the released MixGRPO window stays below step T - 2)."""
     branching: Optional[Dict[str, Any]] = None
     """TempFlow-GRPO branching: null or ``{seeds: N, branches: K, steps: all | [j, ...] | n}``. Per prompt
     and seed an ODE main trajectory; at each branching step j (all trainable steps, a list, or n drawn at
@@ -185,9 +191,13 @@ class TrainConfig:
     """Training objective: 'grpo' (clipped policy gradient on per-step log-probs) or 'dragon' (D+ / D- contrast
     with Diffusion-DPO or -KTO on the flow-matching loss; see dragon.* and genalign.dragon)."""
     step_weighting: str = "none"
-    """Per-step policy-loss weights: 'none', 'noise_aware' (TempFlow: w_j = s_j / mean_k s_k with
-    s_j = sigma_t(j) sqrt(dt_j), mean over the trainable steps) or 'inverse_dt' (GRPO-Guard: 1/dt_j,
-    normalised to mean 1 over the trainable steps)."""
+    """Per-step policy-loss weights (the KL term is never weighted): 'none', 'noise_aware' (TempFlow-GRPO,
+    arXiv 2508.04324: w_j = s_j / mean_k s_k with s_j = sigma_t(j) sqrt(dt_j), mean over the trainable steps),
+    'noise_aware_released' (TempFlow's released SD3.5-M code: w_j = 2.25 * 0.7 sqrt(s/(1-s)) sqrt(dt_j), the SDE
+    std at its fixed noise level 0.7 (whatever sampling.noise_level), not normalised; on SD3's 10-step
+    shift-3 schedule it equals 'noise_aware' times 0.999), 'noise_aware_released_flux' (the same with 1.73,
+    its FLUX script), 'noise_aware_released_qwenimage' (1.53, its Qwen-Image script) or 'inverse_dt'
+    (GRPO-Guard: 1/dt_j, normalised to mean 1 over the trainable steps)."""
     ratio_norm: bool = False
     """GRPO-Guard RatioNorm: log r_hat = (logp - logp_old + bias) * std with
     bias = reduce_e((mu - mu_old)^2) / (2 std^2), i.e. reduce_e(eps * dmu) (see genalign.methods)."""
@@ -231,6 +241,11 @@ class DragonConfig:
     (pair swaps while the set reward of D+ improves; needs exactly one set reward and one process)."""
     max_swaps: int = 100
     """set_split 'greedy': at most this many swaps."""
+    kto_reference: str = "mean"
+    """loss 'kto': reference point z subtracted from each implicit reward g = L_ref - L (per micro-batch).
+    'mean': z = max(0, mean of g over the micro-batch), the KTO batch KL estimate clamped at 0 (the released
+    Diffusion-KTO code's default, --bce_offset none). 'sigmoid': z = (mean of g over D+ + mean of g over D-) / 2,
+    not clamped (the released code's --bce_offset sigmoid option; an absent class contributes 0)."""
 
 
 @dataclass
@@ -241,9 +256,6 @@ class AdversarialConfig:
     rule: str = "fixed"
     """'fixed': always `steps` steps; 'while_behind': at most `steps`, each only while the generated images
     still outscore the references."""
-    pause_every: int = 0
-    """Skip the discriminator round every this many epochs (epochs e with (e + 1) % pause_every == 0);
-    0 never skips. The released Adv-GRPO code trains the discriminator 9 of every 10 epochs (10)."""
     num_samples: int = 32
     """Generated images per discriminator step (training prompts, sampling.num_steps, sampling.noise_level)."""
 
@@ -298,8 +310,7 @@ class Config:
                              ("train.num_minibatches", t.num_minibatches, 1), ("train.num_inner_epochs", t.num_inner_epochs, 1),
                              ("num_epochs", self.num_epochs, 0), ("lora.rank", self.lora.rank, 1),
                              ("train.ema_every", t.ema_every, 1), ("checkpoint.keep_last", self.checkpoint.keep_last, 1),
-                             ("train.dynamic_sampling_max_rounds", t.dynamic_sampling_max_rounds, 1),
-                             ("adversarial.pause_every", self.adversarial.pause_every, 0)]:
+                             ("train.dynamic_sampling_max_rounds", t.dynamic_sampling_max_rounds, 1)]:
             if val < lo:
                 raise ConfigError(f"{key} must be >= {lo}, got {val}")
         if s.group_size < 2:
@@ -314,7 +325,8 @@ class Config:
             raise ConfigError(f"train.kl_beta must be >= 0, got {t.kl_beta}")
         if not 0 <= t.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
-        _choice("train.step_weighting", t.step_weighting, ["none", "noise_aware", "inverse_dt"])
+        _choice("train.step_weighting", t.step_weighting, ["none", "noise_aware", "inverse_dt", "noise_aware_released",
+                                                            "noise_aware_released_flux", "noise_aware_released_qwenimage"])
         self._validate_deterministic_steps()
         self._validate_dragon_adversarial()
         if self.method is not None:
@@ -353,6 +365,7 @@ class Config:
         for key, value, valid in (("loss", d.loss, LOSSES), ("criterion", d.criterion, CRITERIA),
                                   ("pairing", d.pairing, PAIRINGS), ("set_split", d.set_split, SET_SPLITS)):
             _choice(f"dragon.{key}", value, list(valid))
+        _choice("dragon.kto_reference", d.kto_reference, ["mean", "sigmoid"])
         if d.loss == "dpo" and d.pairing != "paired":
             raise ConfigError("dragon.loss = 'dpo' needs dragon.pairing = 'paired' (use loss 'kto' for unpaired data)")
         if d.beta is not None and d.beta <= 0:
@@ -380,7 +393,8 @@ class Config:
         return list(range(max(1, int(self.train.timestep_fraction * n)))) if n > 0 and s.noise_level > 0 else []
 
     def window_spec(self) -> Optional[Dict[str, Any]]:
-        """``sampling.window`` with defaults filled in and checked: ``{kind, size, max_start | shift_every}``."""
+        """``sampling.window`` with defaults filled in and checked: ``{kind, size, max_start}`` (fast) or
+        ``{kind, size, shift_every, stride, schedule}`` (mixgrpo)."""
         w = self.sampling.window
         if w is None:
             return None
@@ -400,8 +414,12 @@ class Config:
             if not isinstance(spec["max_start"], int) or not 0 <= spec["max_start"] <= n - spec["size"]:
                 raise ConfigError(f"sampling.window.max_start must be an int in [0, {n - spec['size']}], "
                                   f"got {spec['max_start']!r}")
-        elif not isinstance(spec["shift_every"], int) or spec["shift_every"] < 1:
-            raise ConfigError(f"sampling.window.shift_every must be an int >= 1, got {spec['shift_every']!r}")
+        else:
+            if not isinstance(spec["shift_every"], int) or isinstance(spec["shift_every"], bool) or spec["shift_every"] < 1:
+                raise ConfigError(f"sampling.window.shift_every must be an int >= 1, got {spec['shift_every']!r}")
+            if not isinstance(spec["stride"], int) or isinstance(spec["stride"], bool) or spec["stride"] < 0:
+                raise ConfigError(f"sampling.window.stride must be an int >= 0 (0 = frozen window), got {spec['stride']!r}")
+            _choice("sampling.window.schedule", spec["schedule"], ["wrap", "roll_back", "random"])
         return spec
 
     def branching_spec(self) -> Optional[Dict[str, Any]]:
@@ -430,7 +448,7 @@ class Config:
 
 
 WINDOW_DEFAULTS: Dict[str, Dict[str, Any]] = {"fast": {"size": 2, "max_start": None},
-                                              "mixgrpo": {"size": 4, "shift_every": 25}}
+                                              "mixgrpo": {"size": 4, "shift_every": 25, "stride": 1, "schedule": "wrap"}}
 
 METHOD_PRESETS: Dict[str, Dict[str, Any]] = {
     "flow_grpo": {},

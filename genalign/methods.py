@@ -1,6 +1,7 @@
-"""Timestep-aware strategies of the one trainer (ALGORITHMS.md 2.1, 3, 4): what an epoch samples and
-trains (SDE windows, TempFlow branching), step weights, GRPO-Guard RatioNorm and per-step ratio
-diagnostics. The trainer calls these through small hooks; the loop itself does not change.
+"""Timestep-aware strategies of the one trainer (README, "Methods"): what an epoch samples and
+trains (SDE windows of Flow-GRPO-Fast and MixGRPO, arXiv 2507.21802; TempFlow-GRPO branching,
+arXiv 2508.04324), step weights, GRPO-Guard RatioNorm and per-step ratio diagnostics. The trainer
+calls these through small hooks; the loop itself does not change.
 
 Shapes: N samples of the epoch (over all processes), B a local batch, T denoising steps, k steps
 trained per sample.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, fields
-from typing import Dict, Optional, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
@@ -61,13 +62,38 @@ def member_index(group_ids: torch.Tensor) -> torch.Tensor:
     return member
 
 
+MIXGRPO_SCHEDULES = ("wrap", "roll_back", "random")
+
+
+def mixgrpo_window(spec: Dict, seed: int, epoch: int) -> Tuple[int, int]:
+    """``(first position, size)`` of the MixGRPO window of ``epoch`` among the ``n = num_trainable``
+    trainable steps; every sample of an epoch shares it. With ``q = epoch // shift_every`` and ``s = stride``:
+
+    - 'wrap' (default): start ``(s q) mod (n - size + 1)``, always ``size`` steps.
+    - 'roll_back' (the released MixGRPO scripts, arXiv 2507.21802): start ``s (q mod L)`` over the
+      ``L = (n - 1) // s + 1`` starts below n; near the end the window is cut at n, so it shrinks
+      (``min(size, n - start)`` steps), then restarts at 0. ``s = 0``: frozen at the first ``size`` steps.
+    - 'random': start drawn uniformly in ``[0, n - size]`` from ``(seed, q)``, ``size`` steps (no stride).
+    """
+    n, size, s, q = spec["num_trainable"], spec["size"], spec.get("stride", 1), epoch // spec["shift_every"]
+    schedule = spec.get("schedule", "wrap")
+    if schedule == "wrap":
+        return (s * q) % (n - size + 1), size
+    if schedule == "roll_back":
+        start = s * (q % ((n - 1) // s + 1)) if s else 0
+        return start, min(size, n - start)
+    if schedule == "random":
+        g = torch.Generator().manual_seed(mix_seed(seed, q, 23))
+        return int(torch.randint(n - size + 1, (1,), generator=g)), size
+    raise ValueError(f"unknown MixGRPO window schedule {schedule!r}; choose one of {MIXGRPO_SCHEDULES}")
+
+
 def window_starts(spec: Dict, seed: int, epoch: int, group_ids: torch.Tensor) -> torch.Tensor:
-    """``[N]`` first window step per sample: Flow-GRPO-Fast draws it per group from
-    ``(seed, epoch, group id)`` only (so never from the rank); MixGRPO slides one step every
-    ``shift_every`` epochs, wrapping so the window stays within the trainable steps."""
+    """``[N]`` first window position (among the trainable steps) per sample: Flow-GRPO-Fast draws it per
+    group from ``(seed, epoch, group id)`` only (so never from the rank); MixGRPO's is the epoch's
+    :func:`mixgrpo_window` start, the same for all samples."""
     if spec["kind"] == "mixgrpo":
-        positions = spec["num_trainable"] - spec["size"] + 1
-        return torch.full_like(group_ids, (epoch // spec["shift_every"]) % positions)
+        return torch.full_like(group_ids, mixgrpo_window(spec, seed, epoch)[0])
     starts = {g: int(torch.randint(spec["max_start"] + 1, (1,), generator=torch.Generator().manual_seed(
         mix_seed(seed, epoch, g, 11)))) for g in group_ids.unique().tolist()}
     return torch.tensor([starts[g] for g in group_ids.tolist()], dtype=torch.long)
@@ -83,7 +109,8 @@ def plan_epoch(cfg, epoch: int, group_ids: torch.Tensor, base_levels: torch.Tens
     window, branching = cfg.window_spec(), cfg.branching_spec()
     if window:
         window["num_trainable"] = len(trainable)
-        steps = trainable[window_starts(window, cfg.seed, epoch, group_ids)[:, None] + torch.arange(window["size"])]
+        size = mixgrpo_window(window, cfg.seed, epoch)[1] if window["kind"] == "mixgrpo" else window["size"]
+        steps = trainable[window_starts(window, cfg.seed, epoch, group_ids)[:, None] + torch.arange(size)]
         return EpochPlan(_levels_at(steps, N, T, s.noise_level), steps, N * T)
     if branching:
         return _branch_plan(cfg, branching, epoch, group_ids, trainable)
@@ -154,18 +181,38 @@ def branch_advantages(rewards: torch.Tensor, plan: EpochPlan, eps: float = 1e-4)
     return compute_advantages("process", per_step, plan.seed_ids, eps=eps)
 
 
-def step_weight_table(kind: str, sigmas: torch.Tensor, trainable) -> torch.Tensor:
-    """Policy-loss weight of every step ``[..., T]`` from schedule sigmas ``[..., T+1]``.
+RELEASED_NOISE_AWARE_SCALE = {"noise_aware_released": 2.25, "noise_aware_released_flux": 1.73,
+                              "noise_aware_released_qwenimage": 1.53}
+"""TempFlow-GRPO's released constant ``c`` per model (SD3.5-M, FLUX.1-dev, Qwen-Image training scripts)."""
+RELEASED_NOISE_LEVEL = 0.7
+"""Noise level fixed in the released TempFlow-GRPO SDE step (whatever the run's configuration)."""
+STEP_WEIGHTINGS = ("none", "noise_aware", "inverse_dt", *RELEASED_NOISE_AWARE_SCALE)
 
-    'noise_aware' (TempFlow): ``w_j = s_j / mean_{k in trainable} s_k`` with ``s_j = sigma_t(j) sqrt(dt_j)``
-    (the Flow-GRPO SDE std at noise level 1; the level cancels). 'inverse_dt' (GRPO-Guard):
-    ``(1/dt_j) / mean_k (1/dt_k)`` (the normalisation only keeps the policy term's scale next to the KL).
+
+def step_weight_table(kind: str, sigmas: torch.Tensor, trainable) -> torch.Tensor:
+    """Policy-loss weight of every step ``[..., T]`` from schedule sigmas ``[..., T+1]`` (the KL is never weighted).
+
+    'noise_aware' (TempFlow, arXiv 2508.04324): ``w_j = s_j / mean_{k in trainable} s_k`` with
+    ``s_j = sigma_t(j) sqrt(dt_j)`` (the Flow-GRPO SDE std at noise level 1; the level cancels).
+    'noise_aware_released[_flux | _qwenimage]' (TempFlow's released code): ``w_j = c * s_j`` with ``s_j`` the SDE
+    std at its fixed noise level 0.7, ``0.7 sqrt(s / (1 - s)) sqrt(s - s')`` (``s'`` in the denominator at
+    ``s = 1``), not normalised; ``c`` = 2.25 (SD3.5-M), 1.73 (FLUX) or 1.53 (Qwen-Image). On SD3's 10-step
+    shift-3 schedule the 2.25 table has mean 0.999 over steps 0-8, i.e. it is 'noise_aware' to 0.1%.
+    'inverse_dt' (GRPO-Guard): ``(1/dt_j) / mean_k (1/dt_k)`` (the normalisation only keeps the policy term's
+    scale next to the KL).
     """
     s, s_next = sigmas[..., :-1], sigmas[..., 1:]
     dt = s - s_next
     if kind == "none":
         return torch.ones_like(dt)
-    raw = flow_sde_std(s, s_next, 1.0) * dt.sqrt() if kind == "noise_aware" else 1.0 / dt
+    if kind in RELEASED_NOISE_AWARE_SCALE:
+        return RELEASED_NOISE_AWARE_SCALE[kind] * flow_sde_std(s, s_next, RELEASED_NOISE_LEVEL) * dt.sqrt()
+    if kind == "noise_aware":
+        raw = flow_sde_std(s, s_next, 1.0) * dt.sqrt()
+    elif kind == "inverse_dt":
+        raw = 1.0 / dt
+    else:
+        raise ValueError(f"unknown step weighting {kind!r}; choose one of {STEP_WEIGHTINGS}")
     return raw / raw[..., list(trainable)].mean(-1, keepdim=True)
 
 

@@ -179,10 +179,7 @@ class Trainer:
             self._log({"epoch": 0, "global_step": 0, "samples_seen": 0, **self.evaluate(save_before=True)})
         for epoch in range(self.epoch, cfg.num_epochs):
             t_start = time.time()
-            adv_stats = {}
-            if self.adversary is not None:
-                pause = cfg.adversarial.pause_every
-                adv_stats = {"disc/paused": 1.0} if pause and (epoch + 1) % pause == 0 else self.train_discriminator(epoch)
+            adv_stats = self.train_discriminator(epoch) if self.adversary is not None else {}
             plan = self.plan(epoch)
             if cfg.train.dynamic_sampling:
                 traj, rewards, parts, group_ids, local, plan, dyn_stats = self.dynamic_sample_epoch(epoch, plan)
@@ -231,7 +228,7 @@ class Trainer:
         def sample(k: int) -> torch.Tensor:
             g = torch.Generator().manual_seed(_seed(self.cfg.seed, epoch, k, 13))
             prompts = [self.prompts[i] for i in torch.randint(len(self.prompts), (a.num_samples,), generator=g)]
-            return self.sample_images(prompts, _seed(self.cfg.seed, epoch, k, 17), s.num_steps, s.noise_level)
+            return self.sample_images(prompts, _seed(self.cfg.seed, epoch, k, 17), s.num_steps, s.noise_level), prompts
 
         return discriminator_round(self.adversary, sample, a.steps, a.rule, _seed(self.cfg.seed, epoch, 19))
 

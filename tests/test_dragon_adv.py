@@ -1,5 +1,7 @@
 """DRAGON mode and Adv-GRPO: splits and pairs, the discriminator, and 1-epoch tiny SD3 runs of both modes."""
 
+import json
+
 import pytest
 import torch
 
@@ -31,6 +33,64 @@ def test_discriminator_separates_real_digits_from_noise_and_round_trips_state():
     torch.testing.assert_close(clone(noise), adv(noise))
     # while_behind: no step once the references outscore the generations
     assert discriminator_round(adv, lambda k: noise, steps=5, rule="while_behind")["disc/d_steps"] == 0
+
+
+def _digits(label: int, n: int, held_out: bool = False) -> torch.Tensor:
+    from genalign.digits import load_split
+
+    x_tr, y_tr, x_te, y_te = load_split()
+    x, y = (x_te, y_te) if held_out else (x_tr, y_tr)
+    return ((x[y == label][:n] + 1) / 2).expand(-1, 3, -1, -1)
+
+
+def test_per_prompt_references_give_each_image_its_prompts_positives():
+    zero, one = _digits(0, 1), _digits(1, 1)  # one reference each: the positive of a step is then known exactly
+    adv = AdversarialReward(references={"zero": zero, "one": one}, encoder="digits", lr=3e-3, hidden=64)
+    for prompt, ref in (("zero", zero), ("one", one)):
+        with torch.no_grad():
+            expected = adv.head.cls_head(adv.tokens(ref)[0])[0, 0].item()
+        stats = adv.discriminator_step(torch.rand(6, 3, 8, 8), prompts=[prompt] * 6)  # h_ref: before the update
+        assert stats["disc/h_ref"] == pytest.approx(expected, abs=1e-6)
+    mixed = ["zero", "one", "one", "zero", "one"]
+    cls, _ = adv._reference_batch(5, torch.Generator().manual_seed(0), mixed)
+    for row, prompt in zip(cls, mixed):
+        torch.testing.assert_close(row, adv.tokens(zero if prompt == "zero" else one)[0][0])
+    with pytest.raises(ValueError, match="prompts"):
+        adv.discriminator_step(torch.rand(2, 3, 8, 8))  # per-prompt references need the prompts
+    with pytest.raises(KeyError, match="two"):
+        adv.discriminator_step(torch.rand(2, 3, 8, 8), prompts=["zero", "two"])
+
+
+def test_per_prompt_references_from_a_json_file_train_the_discriminator(tmp_path):
+    from PIL import Image
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    mapping = {}
+    for label, prompt in ((0, "zero"), (1, "one")):
+        for i, img in enumerate(_digits(label, 20)):
+            name = f"{prompt}_{i}.png"
+            Image.fromarray((img.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()).save(refs / name)
+            mapping.setdefault(prompt, []).append(name)
+    (refs / "prompt2img.json").write_text(json.dumps(mapping))  # the released layout: {prompt: [file, ...]}
+    adv = AdversarialReward(references=str(refs / "prompt2img.json"), encoder="digits", lr=3e-3, hidden=64)
+    assert sorted(adv.per_prompt) == ["one", "zero"] and len(adv.per_prompt["zero"]) == 20
+    (tmp_path / "refs.jsonl").write_text("\n".join(json.dumps({"prompt": p, "images": names}) for p, names in mapping.items()))
+    jl = AdversarialReward(references=str(tmp_path / "refs.jsonl"), encoder="digits", reference_root=str(refs))
+    assert {p: len(v) for p, v in jl.per_prompt.items()} == {"zero": 20, "one": 20}
+
+    def sample(k):  # the generator gets the prompts' digits wrong: noise for every prompt
+        prompts = ["zero", "one"] * 8
+        return torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(k)), prompts
+
+    stats = discriminator_round(adv, sample, steps=20, seed=0)
+    assert stats["disc/d_steps"] == 20 and stats["disc/h_ref"] > stats["disc/h_gen"]
+    real = adv(torch.cat([_digits(0, 10, held_out=True), _digits(1, 10, held_out=True)]))
+    assert (real[:, None] > adv(torch.rand(32, 3, 8, 8))[None]).float().mean() > 0.9
+    assert discriminator_round(adv, lambda k: (torch.rand(4, 3, 8, 8), ["one"] * 4), steps=5,
+                               rule="while_behind")["disc/d_steps"] == 0
+    with pytest.raises(ValueError, match="not found"):
+        AdversarialReward(references={"zero": [str(refs / "missing.png")]}, encoder="digits")
 
 
 def test_adversarial_reward_on_a_tiny_dino_shares_one_head(tmp_path):

@@ -78,6 +78,35 @@ def test_step_weights_closed_form_and_sd3_values():
     assert torch.equal(methods.step_weight_table("none", sig, [0]), torch.ones(4))
 
 
+def test_released_noise_aware_weights_on_sd3_schedule():
+    """TempFlow-GRPO's released weight: c * (SDE std at its fixed noise level 0.7), unnormalised."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(10)
+    sig = sched.sigmas.float()
+    w = methods.step_weight_table("noise_aware_released", sig, range(9))
+    # by hand: step 0 has s = 1, so sigma_t sqrt(dt) = sqrt(1 / (1 - s')) sqrt(1 - s') = 1 and w_0 = 2.25 * 0.7;
+    # step 8: s = 0.278049, s' = 0.008929 -> 1.575 * sqrt(0.278049 / 0.721951) * sqrt(0.269120) = 0.5071
+    sd3 = torch.tensor([1.5750, 1.6717, 1.2063, 1.0033, 0.8815, 0.7938, 0.7179, 0.6345, 0.5071, 0.0141])
+    torch.testing.assert_close(w, sd3, atol=1e-4, rtol=0)
+    assert w[0] / w[8] == pytest.approx(3.106, abs=1e-3)  # first-to-last spread over the 9 trained steps
+    assert w[:9].max() / w[:9].min() == pytest.approx(3.297, abs=1e-3)
+    # not normalised: independent of the trainable steps; 2.25 is 1 / mean(0.7 s_j) on this schedule to 0.1%
+    assert torch.equal(w, methods.step_weight_table("noise_aware_released", sig, [0]))
+    torch.testing.assert_close(w / methods.step_weight_table("noise_aware", sig, range(9)), torch.full((10,), 0.99901),
+                               atol=1e-5, rtol=0)
+    for kind, c in (("noise_aware_released_flux", 1.73), ("noise_aware_released_qwenimage", 1.53)):
+        torch.testing.assert_close(methods.step_weight_table(kind, sig, range(9)), w * c / 2.25)
+    sig2 = torch.tensor([[1.0, 0.7, 0.45, 0.2, 0.0]])  # any schedule: s = 1 uses s' in sigma_t (as the SDE step)
+    s = sig2[0, :-1]
+    expected = 2.25 * 0.7 * torch.sqrt(s / (1 - torch.tensor([0.7, 0.7, 0.45, 0.2]))) * (s - sig2[0, 1:]).sqrt()
+    torch.testing.assert_close(methods.step_weight_table("noise_aware_released", sig2, [0])[0], expected)
+    with pytest.raises(ValueError, match="step weighting"):
+        methods.step_weight_table("noise-aware", sig, range(9))
+    load_config(None, ["train.step_weighting=noise_aware_released_flux"]).validate()
+
+
 def _plan(epoch, rank, world=2, **window):
     cfg = load_config(None, [f"sampling.window={window}", "sampling.num_steps=10", "sampling.noise_level=1.0",
                              "sampling.last_step_deterministic=true"])
@@ -103,11 +132,67 @@ def test_mixgrpo_window_slides_and_wraps():
     assert first == [0, 1, 2, 3, 4, 0, 1, 2]  # trainable steps 0..7 (int(0.99 * 9)), window 4 -> starts 0..4
 
 
+def _windows(epochs, **window):
+    """The trained steps of each epoch, checking that all samples share them and that levels match."""
+    out = []
+    for e in epochs:
+        (p0, _), (p1, _) = _plan(e, 0, kind="mixgrpo", **window), _plan(e, 1, kind="mixgrpo", **window)
+        assert torch.equal(p0.train_steps, p1.train_steps) and torch.equal(p0.levels, p1.levels)
+        assert p0.train_steps.shape == (len(p0.levels), p0.train_steps.shape[1])  # rectangular [N, k]
+        assert (p0.train_steps == p0.train_steps[0]).all()
+        assert torch.equal(p0.levels > 0, torch.zeros_like(p0.levels).scatter_(1, p0.train_steps, 1.0) > 0)
+        assert torch.all(p0.levels[p0.levels > 0] == 1.0)
+        out.append(p0.train_steps[0].tolist())
+    return out
+
+
+def test_mixgrpo_released_roll_back_schedule_shrinks_then_restarts():
+    # released progressive strategy, trainable steps 0..7: cut at step 8 (shrinks), restart at 0 (roll back)
+    got = _windows(range(0, 20, 2), size=4, shift_every=2, schedule="roll_back")
+    assert got == [[0, 1, 2, 3], [1, 2, 3, 4], [2, 3, 4, 5], [3, 4, 5, 6], [4, 5, 6, 7], [5, 6, 7], [6, 7], [7],
+                   [0, 1, 2, 3], [1, 2, 3, 4]]
+    assert _windows([0, 1, 2, 3], size=4, shift_every=2, schedule="roll_back") == [[0, 1, 2, 3]] * 2 + [[1, 2, 3, 4]] * 2
+    # stride = size (no overlap): 0, 4, then 8 = n would be empty -> restart
+    assert _windows(range(4), size=4, shift_every=1, schedule="roll_back", stride=4) == [[0, 1, 2, 3], [4, 5, 6, 7]] * 2
+    assert _windows(range(5), size=3, shift_every=1, schedule="roll_back", stride=3) == \
+        [[0, 1, 2], [3, 4, 5], [6, 7], [0, 1, 2], [3, 4, 5]]
+    # stride 0: frozen window (the released Flash* script), for both schedules
+    assert _windows(range(0, 40, 7), size=4, shift_every=1, stride=0, schedule="roll_back") == [[0, 1, 2, 3]] * 6
+    assert _windows(range(0, 40, 7), size=4, shift_every=1, stride=0) == [[0, 1, 2, 3]] * 6
+
+
+def test_mixgrpo_random_schedule_is_per_shift_and_seeded():
+    got = _windows(range(24), size=3, shift_every=2, schedule="random")
+    assert all(len(w) == 3 and w == list(range(w[0], w[0] + 3)) and 0 <= w[0] <= 5 for w in got)
+    assert all(got[2 * i] == got[2 * i + 1] for i in range(12)) and len({w[0] for w in got}) > 2
+    assert got == _windows(range(24), size=3, shift_every=2, schedule="random")
+
+
+def test_mixgrpo_shrinking_window_trains_an_epoch(sd3_dir, tmp_path, prompts_file):
+    window = {"kind": "mixgrpo", "size": 2, "shift_every": 1, "schedule": "roll_back"}
+    trainer = make_trainer(sd3_dir, tmp_path / "run", prompts_file, method="mixgrpo",
+                           **{"num_epochs": 3, "sampling.window": window})
+    assert [trainer.plan(e).train_steps.shape[1] for e in range(3)] == [2, 1, 2]  # trainable steps 0, 1
+    trainer.train()
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    trained = [sorted(int(k.split("/")[1]) for k in r if k.startswith("steps/") and k.endswith("/tokens")) for r in rows
+               if any(k.startswith("steps/") for k in r)]
+    assert trained == [[0, 1], [1], [0, 1]]
+
+
 def test_method_config_validation():
     with pytest.raises(ConfigError, match="sampling.group_size"):
         load_config(None, ["method=tempflow_grpo", "sampling.group_size=12"]).validate()
     with pytest.raises(ConfigError, match="sampling.window.size"):
         load_config(None, ["sampling.window={kind: fast, size: 20}"]).validate()
+    with pytest.raises(ConfigError, match="sampling.window.schedule"):
+        load_config(None, ["sampling.window={kind: mixgrpo, schedule: clip}"]).validate()
+    with pytest.raises(ConfigError, match="sampling.window.stride"):
+        load_config(None, ["sampling.window={kind: mixgrpo, stride: -1}"]).validate()
+    with pytest.raises(ConfigError, match="sampling.window.stride"):
+        load_config(None, ["sampling.window={kind: fast, stride: 1}"]).validate()
+    assert load_config(None, ["method=mixgrpo"]).window_spec() == {"kind": "mixgrpo", "size": 4, "shift_every": 25,
+                                                                   "stride": 1, "schedule": "wrap"}
     with pytest.raises(ConfigError, match="method"):
         load_config(None, ["method=nope"])
     cfg = load_config(None, ["method=grpo_guard", "train.step_weighting=none"])
