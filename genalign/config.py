@@ -305,6 +305,7 @@ class Config:
         _choice("mixed_precision", self.mixed_precision, ["no", "bf16", "fp16"])
         _choice("train.advantage_std", t.advantage_std, ["group", "batch", "none"])
         _choice("train.kl_form", t.kl_form, ["exact", "flow_grpo"])
+        self._validate_estimators()
         for key, val, lo in [("sampling.num_steps", s.num_steps, 1), ("sampling.groups_per_epoch", s.groups_per_epoch, 1),
                              ("sampling.batch_size", s.batch_size, 1), ("train.batch_size", t.batch_size, 1),
                              ("train.num_minibatches", t.num_minibatches, 1), ("train.num_inner_epochs", t.num_inner_epochs, 1),
@@ -374,6 +375,31 @@ class Config:
         if a.steps < 0 or a.num_samples < 1:
             raise ConfigError(f"adversarial.steps must be >= 0 and adversarial.num_samples >= 1, got {a.steps}, "
                               f"{a.num_samples}")
+
+    def _validate_estimators(self) -> None:
+        """Every registered advantage / surrogate / aggregation name either works in the diffusion trainer or is
+        refused here with the reason (names are checked before anything is loaded)."""
+        from .advantages import ADVANTAGES
+        from .losses import AGGREGATIONS, SURROGATES
+
+        t = self.train
+        for key, value, registry, supported, unsupported in (
+                ("train.advantage", t.advantage, ADVANTAGES, DIFFUSION_ADVANTAGES, UNSUPPORTED_ADVANTAGES),
+                ("train.surrogate", t.surrogate, SURROGATES, DIFFUSION_SURROGATES, UNSUPPORTED_SURROGATES),
+                ("train.aggregation", t.aggregation, AGGREGATIONS, list(AGGREGATIONS), {})):
+            if value in unsupported:
+                raise ConfigError(f"{key} = {value!r} is registered but not usable in the diffusion trainer: "
+                                  f"{unsupported[value]}; choose one of {sorted(supported)}")
+            if value not in registry or value not in supported:
+                _choice(key, value, sorted(supported))
+        if t.advantage != "grpo" and t.advantage_std != "group":
+            raise ConfigError(f"train.advantage_std = {t.advantage_std!r} applies to train.advantage = 'grpo' only "
+                              f"(got train.advantage = {t.advantage!r})")
+        if t.advantage_unbiased_std and t.advantage not in ("grpo",):
+            raise ConfigError(f"train.advantage_unbiased_std applies to train.advantage = 'grpo' only "
+                              f"(got {t.advantage!r})")
+        if not t.advantage_clip > 0:
+            raise ConfigError(f"train.advantage_clip must be > 0, got {t.advantage_clip}")
 
     def _validate_deterministic_steps(self) -> None:
         """Refuse to train a step whose transition is deterministic by construction (std 0: no density, so
@@ -446,6 +472,19 @@ class Config:
                               f"{trainable} or an int in [1, {len(trainable)}], got {steps!r}")
         return spec
 
+
+DIFFUSION_ADVANTAGES = ("grpo", "dr_grpo", "bnpo")
+"""Advantage estimators of sequence-level rewards that the diffusion trainer runs (``train.advantage``)."""
+UNSUPPORTED_ADVANTAGES = {
+    "gdpo": "it normalises each reward component separately and needs per-component rewards [B, K]",
+    "hapo": "its token-level group statistics equal grpo's when every sample has the same trained steps "
+            "(use grpo)",
+    "process": "it is TempFlow-GRPO's per-(prompt, seed, step) estimator, used automatically with "
+               "sampling.branching (method=tempflow_grpo)",
+}
+DIFFUSION_SURROGATES = ("ppo_clip", "cispo")
+"""Surrogates the diffusion trainer runs (``train.surrogate``)."""
+UNSUPPORTED_SURROGATES = {"hapo": "it needs per-token entropy scores, which denoising steps do not have"}
 
 WINDOW_DEFAULTS: Dict[str, Dict[str, Any]] = {"fast": {"size": 2, "max_start": None},
                                               "mixgrpo": {"size": 4, "shift_every": 25, "stride": 1, "schedule": "wrap"}}

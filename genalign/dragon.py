@@ -16,7 +16,13 @@ reference (LoRA adapters disabled, or the frozen copy). ``dragon.pairing``: ``pa
 :func:`genalign.losses.diffusion_dpo_loss` on (D+, D-) pairs within a prompt group; ``unpaired`` ->
 :func:`genalign.losses.diffusion_kto_loss` on every labelled sample. ``s`` is drawn from the rollout's
 schedule ``sigmas[0..T-1]``. The loss is a mean over the optimizer step's global unit (pair or sample)
-count, so accumulation does not change it (KTO's reference point ``z`` is per micro-batch).
+count, so accumulation does not change it.
+
+KTO's reference point ``z`` (``dragon.kto_reference``, :func:`genalign.losses.diffusion_kto_reference`) is
+computed per micro-batch from ``g = L_ref - L``: ``mean`` = ``max(0, mean g)`` (the default), ``sigmoid`` =
+the average of the D+ and D- class means of ``g``, unclamped. It is not averaged across processes (the
+released Diffusion-KTO code averages it): processes may run different numbers of micro-batches, so a
+collective there could wait forever.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from . import losses
 from .methods import mix_seed
 
 CRITERIA, PAIRINGS, LOSSES, SET_SPLITS = ("instance", "set"), ("paired", "unpaired"), ("dpo", "kto"), ("loo", "greedy")
+KTO_REFERENCES = losses.KTO_REFERENCES  # dragon.kto_reference: "mean" | "sigmoid"
 DEFAULT_BETA = {"dpo": 5000.0, "kto": 1000.0}
 
 
@@ -127,7 +134,7 @@ def train_epoch(trainer, epoch: int, traj, rewards: torch.Tensor, group_ids: tor
                 seed = mix_seed(cfg.seed, epoch, inner, mb, start, trainer.rank)
                 for key, v in _micro_loss(trainer, traj, micro, labels, local, total, seed).items():
                     sums[key] += v
-            norms.append(trainer._optimizer_step())
+            norms.append(trainer._optimizer_step(epoch))
             count += 1
     stats = {key: (v / max(count, 1)).item() for key, v in sums.items()}
     stats.update({"grad_norm": torch.stack(norms).mean().item() if norms else 0.0, "dragon/units": float(len(units)),
@@ -158,8 +165,9 @@ def _micro_loss(trainer, traj, micro: torch.Tensor, labels, local, total, seed: 
         extra = {"dragon/implicit_acc": (margin < 0).float().sum().detach() / total}
     else:
         desirable = labels[local[rows.cpu()]] == 1
-        per_unit = losses.diffusion_kto_loss(model, ref, desirable.to(dev), beta)
-        extra = {}
+        per_unit, z = losses.diffusion_kto_loss(model, ref, desirable.to(dev), beta, reference=d.kto_reference,
+                                                return_reference=True)
+        extra = {"dragon/kto_z": z.detach() * len(micro) / total}  # unit-weighted, like the loss
     loss = per_unit.sum() / total
     trainer.acc.backward(loss)
     return {"loss": loss.detach(), "dragon/model_mse": model.detach().sum() / total / micro.shape[1], **extra}

@@ -615,15 +615,132 @@ def diffusion_dpo_loss(
     return -F.logsigmoid(-0.5 * beta * inside)
 
 
-def diffusion_kto_loss(
-    model_losses: Tensor, ref_losses: Tensor, desirable_mask: Tensor, beta: float = 1000.0
-) -> Tensor:
-    """Diffusion-KTO -> ``[B]`` (ALGORITHMS.md section 5).
+# KTO -----------------------------------------------------------------------------------------------
 
-    ``g = L_ref - L`` (per-sample implicit reward), ``z = clamp(mean_batch(g), min=0)`` detached,
+
+def _all_reduce_mean(x: Tensor) -> Tensor:
+    """Mean of ``x`` over the processes of ``torch.distributed`` when it is initialised; ``x`` otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x / dist.get_world_size()
+    return x
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+class KTOOutput(NamedTuple):
+    """:func:`kto_loss` result.
+
+    ``losses`` ``[B]``: per-example weighted losses (take ``.mean()``); ``kl``: the reference point ``z0``
+    (scalar, detached, already averaged over processes and clamped at 0); ``rewards`` ``[B]``: the implicit
+    rewards ``beta * (logp - ref_logp)`` (detached), for logging chosen / rejected rewards.
+    """
+
+    losses: Tensor
+    kl: Tensor
+    rewards: Tensor
+
+
+def kto_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    policy_kl_logps: Tensor,
+    ref_kl_logps: Tensor,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    mask: Optional[Tensor] = None,
+    kl_mask: Optional[Tensor] = None,
+    reduce: Optional[Callable[[Tensor], Tensor]] = None,
+) -> KTOOutput:
+    """KTO (Ethayarajh et al. 2024, arXiv 2402.01306) on token log-probs -> :class:`KTOOutput`.
+
+    policy_logps, ref_logps: ``[B]`` summed log-probs of each example's completion, or ``[B, T]`` per token
+      (summed over ``mask``); ``desirable``: bool ``[B]`` (True = desirable / "chosen", False = undesirable).
+    policy_kl_logps, ref_kl_logps: ``[B']`` (or ``[B', T']`` with ``kl_mask``) log-probs of MISMATCHED
+      completions, each prompt paired with another example's completion (e.g. the batch's completions
+      shifted by one), under the policy and the reference.
+    Reference point ``z0 = max(0, reduce(mean_{B'}(policy_kl - ref_kl)))``, detached: the local mean is
+    averaged over processes BEFORE the clamp. ``reduce=None`` all-reduces a mean over ``torch.distributed``
+    when it is initialised (every process must then call this function equally often), else keeps the local
+    mean; pass e.g. ``lambda x: accelerator.gather(x).mean()`` or ``lambda x: x`` (local only).
+    With ``r = logp - ref_logp`` (``ref_logp`` treated as constant):
+    ``loss = desirable_weight * (1 - sigmoid(beta (r - z0)))`` for desirable examples and
+    ``undesirable_weight * (1 - sigmoid(beta (z0 - r)))`` for undesirable ones. TRL's ``KTOTrainer``
+    (``loss_type="kto"``) minimises ``losses.mean()`` over the batch.
+    """
+    logps = _f32(_seq_sum(policy_logps, mask))
+    ref = _f32(_seq_sum(ref_logps, mask)).detach()
+    kl_logps = _f32(_seq_sum(policy_kl_logps, kl_mask)).detach()
+    ref_kl = _f32(_seq_sum(ref_kl_logps, kl_mask)).detach()
+    desirable = torch.as_tensor(desirable, device=logps.device).bool()
+    if logps.ndim != 1 or ref.shape != logps.shape or desirable.shape != logps.shape:
+        raise ValueError(f"policy_logps {tuple(logps.shape)}, ref_logps {tuple(ref.shape)} and desirable "
+                         f"{tuple(desirable.shape)} must all be [B] (after summing tokens)")
+    if kl_logps.shape != ref_kl.shape or kl_logps.numel() == 0:
+        raise ValueError(f"policy_kl_logps {tuple(kl_logps.shape)} and ref_kl_logps {tuple(ref_kl.shape)} must be "
+                         "the same non-empty shape")
+    z0 = (reduce or _all_reduce_mean)((kl_logps - ref_kl).mean()).clamp_min(0).detach()
+    r = logps - ref
+    value = torch.where(desirable, torch.sigmoid(beta * (r - z0)), torch.sigmoid(beta * (z0 - r)))
+    w_d, w_u = value.new_tensor(float(desirable_weight)), value.new_tensor(float(undesirable_weight))
+    weight = torch.where(desirable, w_d, w_u)
+    return KTOOutput(weight * (1 - value), z0, (beta * r).detach())
+
+
+KTO_REFERENCES = ("mean", "sigmoid")
+
+
+def diffusion_kto_reference(
+    g: Tensor, desirable_mask: Tensor, form: str = "mean", reduce: Optional[Callable[[Tensor], Tensor]] = None
+) -> Tensor:
+    """Reference point ``z`` of :func:`diffusion_kto_loss` from the implicit rewards ``g`` ``[B]`` (detached scalar).
+
+    ``form``:
+      * ``"mean"``: ``z = max(0, reduce(mean_B g))``: the batch-mean KL estimate of KTO clamped at 0; what the
+        released Diffusion-KTO code computes by default (``--bce_offset none``).
+      * ``"sigmoid"``: ``z = (reduce(mean_{D+} g) + reduce(mean_{D-} g)) / 2``, NOT clamped: the average of the
+        desirable and the undesirable class means (the released code's ``--bce_offset sigmoid`` option; despite the
+        name, no sigmoid is applied to ``z``). An empty class contributes 0.
+    ``reduce`` (``None``: this batch only) averages each local mean over processes; no collective is issued
+    without it.
+    """
+    g = g.detach()
+    red = reduce or _identity
+    if form == "mean":
+        return red(g.mean()).clamp_min(0)
+    if form == "sigmoid":
+        d = torch.as_tensor(desirable_mask, device=g.device).bool()
+        pos = torch.where(d, g, torch.zeros_like(g)).sum() / d.sum().clamp_min(1)
+        neg = torch.where(d, torch.zeros_like(g), g).sum() / (~d).sum().clamp_min(1)
+        return (red(pos) + red(neg)) / 2
+    raise ValueError(f"unknown diffusion-KTO reference form {form!r}; valid: {list(KTO_REFERENCES)}")
+
+
+def diffusion_kto_loss(
+    model_losses: Tensor,
+    ref_losses: Tensor,
+    desirable_mask: Tensor,
+    beta: float = 1000.0,
+    reference: str = "mean",
+    reduce: Optional[Callable[[Tensor], Tensor]] = None,
+    return_reference: bool = False,
+):
+    """Diffusion-KTO (Li et al. 2024, arXiv 2404.04465) -> ``[B]`` (or ``([B], z)`` with ``return_reference``).
+
+    ``g = L_ref - L`` (per-sample implicit reward: denoising MSEs, lower = likelier), ``z`` the reference
+    point of :func:`diffusion_kto_reference` (``reference``: ``"mean"`` = ``max(0, mean_batch g)``, the
+    default; ``"sigmoid"`` = mean of the D+ and D- class means of ``g``, unclamped), detached;
     ``loss = 1 - sigmoid(s beta (g - z))`` with ``s = +1`` for desirable (D+) and ``-1`` otherwise.
     """
     g = ref_losses.detach() - model_losses
-    z = g.detach().mean().clamp_min(0)
+    z = diffusion_kto_reference(g, desirable_mask, reference, reduce)
     sign = torch.where(desirable_mask.bool(), 1.0, -1.0).to(g.dtype)
-    return 1 - torch.sigmoid(sign * beta * (g - z))
+    loss = 1 - torch.sigmoid(sign * beta * (g - z))
+    return (loss, z) if return_reference else loss

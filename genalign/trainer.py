@@ -43,9 +43,6 @@ class NonFiniteError(RuntimeError):
     """A loss or gradient became NaN/inf; the optimizer step was skipped, so the weights are unchanged."""
 
 
-# aggregations that decompose over per-step backward passes (all samples have the same k steps, so
-# seq_mean_token_mean equals 'constant' with normaliser k)
-_STEPWISE_AGG = {"token_mean", "seq_mean_token_sum", "constant", "seq_mean_token_mean"}
 
 
 class Trainer:
@@ -60,9 +57,6 @@ class Trainer:
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
                                               log_with=trackers or None, project_dir=cfg.output_dir)
         cfg.validate(self.acc.num_processes)
-        if cfg.train.aggregation not in _STEPWISE_AGG:
-            raise ConfigError(f"train.aggregation {cfg.train.aggregation!r} cannot be used with per-step backward; "
-                              f"choose one of {sorted(_STEPWISE_AGG)}")
         set_seed(cfg.seed)
         self.device = torch.device(cfg.model.device) if cfg.model.device else self.acc.device
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
@@ -360,8 +354,10 @@ class Trainer:
             adv = adv.clamp(-t.advantage_clip, t.advantage_clip)
             group_ids = plan.seed_ids * self.cfg.sampling.num_steps + steps
         else:
-            extra = {"unbiased": True} if t.advantage_unbiased_std else {}
-            adv = compute_advantages(t.advantage, rewards, group_ids, std=t.advantage_std, clip=t.advantage_clip, **extra)
+            extra = {"std": t.advantage_std} if t.advantage == "grpo" else {}  # options checked at config load
+            if t.advantage_unbiased_std:
+                extra["unbiased"] = True
+            adv = compute_advantages(t.advantage, rewards, group_ids, **extra).clamp(-t.advantage_clip, t.advantage_clip)
         valid = torch.ones_like(rewards, dtype=torch.bool)
         if t.filter_zero_std_groups:
             valid = ~zero_variance_groups(rewards, group_ids)
@@ -436,6 +432,7 @@ class Trainer:
     def _micro_step(self, sub: Trajectory, adv, valid, step_idx, num_tokens, num_seqs, k) -> Dict[str, torch.Tensor]:
         """Forward + backward for every trainable step of one micro-batch (one step at a time)."""
         t = self.cfg.train
+        # per-step backward: every sample trains k steps, so seq_mean_token_mean is 'constant' with normaliser k
         agg = "constant" if t.aggregation == "seq_mean_token_mean" else t.aggregation
         out_stats: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
         for c in range(k):

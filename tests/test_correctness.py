@@ -170,3 +170,42 @@ def test_cli_reports_a_failing_reward_without_a_traceback(sd3_dir, tmp_path, pro
                                                                      reward="nan_for_second")])
     err = capsys.readouterr().err
     assert rc == 1 and "nan_for_second" in err and "Traceback" not in err and "no checkpoint exists yet" in err
+
+
+# --------------------------------------------------------------------------- estimator names
+def test_every_registered_estimator_runs_in_the_trainer_or_is_refused_at_load(sd3_dir, tmp_path, prompts_file):
+    from genalign.advantages import ADVANTAGES
+    from genalign.losses import SURROGATES
+
+    rewards = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    ran = []
+    for key, names in (("train.advantage", list(ADVANTAGES)), ("train.surrogate", list(SURROGATES))):
+        for name in names:
+            cfg = load_config(None, tiny_overrides(sd3_dir, tmp_path / "run", prompts_file, **{key: name}))
+            try:
+                cfg.validate()
+            except ConfigError as exc:
+                assert "not usable in the diffusion trainer" in str(exc) and name in str(exc)
+                continue
+            trainer = Trainer(cfg)
+            adv, valid = trainer.compute_advantages(rewards, groups)
+            assert adv.shape == (8,) and torch.isfinite(adv).all()
+            traj, r, _, g, local = trainer.sample_epoch(0)
+            a, v = trainer.compute_advantages(r, g)
+            stats, grads = one_step_stats(trainer, traj, a[local], v[local],
+                                          torch.tensor(trainer.trainable_steps()).expand(len(traj), -1))
+            assert math.isfinite(float(stats["loss"]))
+            ran.append(name)
+    assert {"grpo", "dr_grpo", "bnpo", "ppo_clip", "cispo"} <= set(ran)
+    torch.testing.assert_close(  # dr_grpo: centred, not scaled, then clamped like every estimator
+        Trainer(load_config(None, tiny_overrides(sd3_dir, tmp_path / "r2", prompts_file, reward="brightness",
+                                                 **{"train.advantage": "dr_grpo"}))).compute_advantages(
+            rewards * 3, groups)[0], (rewards * 3 - torch.tensor([1.5] * 4 + [2.25] * 4)))
+
+
+def test_unknown_estimator_names_are_refused_with_the_valid_ones():
+    with pytest.raises(ConfigError, match="train.advantage = 'grpoo' is not valid.*'grpo'"):
+        load_config(None, ["train.advantage=grpoo"]).validate()
+    with pytest.raises(ConfigError, match="advantage_std = 'batch' applies to train.advantage = 'grpo' only"):
+        load_config(None, ["train.advantage=dr_grpo", "train.advantage_std=batch"]).validate()

@@ -220,7 +220,8 @@ def test_surrogate_registry():
 
 def test_hapo_zero_entropy_score_equals_dapo_clip():
     logp, old, adv, mask = _batch(B=4, T=6)
-    logp = (old + 0.5 * torch.randn(4, 6)).requires_grad_(True)  # large moves so clipping acts
+    noise = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))  # seeded: the global RNG is not
+    logp = (old + 0.5 * noise).requires_grad_(True)  # large moves so clipping acts
     zero = torch.zeros(4, 6)
     kw = dict(eps_low=0.2, eps_high=0.28)
     hapo, s_h = policy_loss(logp, old, adv, mask, surrogate="hapo", entropy_score=zero, **kw)
@@ -330,3 +331,145 @@ def test_low_precision_logps_are_upcast():
     assert loss.dtype == torch.float32
     torch.testing.assert_close(stats["clip_frac_pos"], torch.tensor(1.0))  # 1 + 1e-4 is not rounded to 1
     torch.testing.assert_close(stats["clip_frac_neg"], torch.tensor(0.0))
+
+
+# ---------------------------------------------------------------------------------------------------
+# KTO (token level) and the Diffusion-KTO reference point
+
+
+def _sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_kto_loss_hand_computed_reference_point_and_weights():
+    pol = torch.tensor([-1.0, -2.0, -3.0, -0.5], requires_grad=True)
+    ref = torch.tensor([-1.5, -1.0, -3.5, -0.5])
+    desirable = torch.tensor([True, False, True, False])
+    kl_pol, kl_ref = torch.tensor([-2.0, -1.0], requires_grad=True), torch.tensor([-2.5, -1.1])
+    out = L.kto_loss(pol, ref, desirable, kl_pol, kl_ref, beta=0.5, desirable_weight=1.3, undesirable_weight=0.7)
+    # r = [0.5, -1, 0.5, 0]; z0 = mean([0.5, 0.1]) = 0.3
+    expected = [1.3 * (1 - _sig(0.1)), 0.7 * (1 - _sig(0.65)), 1.3 * (1 - _sig(0.1)), 0.7 * (1 - _sig(0.15))]
+    torch.testing.assert_close(out.losses, torch.tensor(expected))
+    torch.testing.assert_close(out.kl, torch.tensor(0.3))
+    torch.testing.assert_close(out.rewards, torch.tensor([0.25, -0.5, 0.25, 0.0]))
+    out.losses.sum().backward()
+    s = _sig(0.1)
+    torch.testing.assert_close(pol.grad[0], torch.tensor(-1.3 * 0.5 * s * (1 - s)))  # d(1 - sig(b(r - z)))/dr
+    s = _sig(0.65)
+    torch.testing.assert_close(pol.grad[1], torch.tensor(0.7 * 0.5 * s * (1 - s)))
+    assert kl_pol.grad is None  # the reference point is detached
+    assert not out.kl.requires_grad and not out.rewards.requires_grad
+
+
+def test_kto_reference_point_clamped_after_the_cross_process_mean():
+    pol, ref, des = torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.0]), torch.tensor([True, False])
+    kl_pol, kl_ref = torch.tensor([-1.0, 0.6]), torch.tensor([0.0, 0.0])  # local mean -0.2
+    assert L.kto_loss(pol, ref, des, kl_pol, kl_ref).kl == 0  # clamped at 0
+    # another process with mean +0.8: global mean 0.3 > 0 (clamping each process first would give 0.4)
+    out = L.kto_loss(pol, ref, des, kl_pol, kl_ref, beta=1.0, reduce=lambda x: (x + 0.8) / 2)
+    torch.testing.assert_close(out.kl, torch.tensor(0.3))
+    torch.testing.assert_close(out.losses, torch.tensor([1 - _sig(-0.3), 1 - _sig(0.3)]))
+
+
+def test_kto_loss_token_level_equals_summed():
+    g = torch.Generator().manual_seed(1)
+    lp, rf = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    m = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]).bool()
+    klp, klr = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    km = torch.rand(3, 5, generator=g) > 0.3
+    des = torch.tensor([True, False, False])
+    tok = L.kto_loss(lp.masked_fill(~m, float("nan")), rf, des, klp, klr, mask=m, kl_mask=km, reduce=lambda x: x)
+    summed = L.kto_loss((lp * m).sum(1), (rf * m).sum(1), des, (klp * km).sum(1), (klr * km).sum(1), reduce=lambda x: x)
+    for a, b in zip(tok, summed):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="desirable"):
+        L.kto_loss(lp.sum(1), rf.sum(1), des[:2], klp.sum(1), klr.sum(1))
+
+
+def _kto_dist_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    kl_pol = torch.tensor([-1.0, 0.6]) if rank == 0 else torch.tensor([0.8, 0.8, 0.8])  # local means -0.2, 0.8
+    z = L.kto_loss(torch.zeros(2), torch.zeros(2), torch.tensor([True, False]), kl_pol, torch.zeros_like(kl_pol)).kl
+    torch.save(z, f"{out_dir}/z{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_kto_reference_point_defaults_to_the_all_reduce_mean(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_kto_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"z{rank}.pt", weights_only=True), torch.tensor(0.3))
+
+
+def test_diffusion_kto_reference_forms_hand_computed():
+    model, ref = torch.tensor([0.1, 0.5, 0.3, 0.8]), torch.tensor([0.2, 0.4, 0.3, 0.5])
+    g = [0.1, -0.1, 0.0, -0.3]
+    des = torch.tensor([True, False, True, False])
+    sgn = [1, -1, 1, -1]
+    for form, z in (("mean", max(sum(g) / 4, 0.0)), ("sigmoid", ((0.1 + 0.0) / 2 + (-0.1 - 0.3) / 2) / 2)):
+        loss, z_out = L.diffusion_kto_loss(model, ref, des, beta=10.0, reference=form, return_reference=True)
+        torch.testing.assert_close(z_out, torch.tensor(z))
+        torch.testing.assert_close(loss, torch.tensor([1 - _sig(s * 10 * (x - z)) for s, x in zip(sgn, g)]))
+    # 'sigmoid' is not clamped: z = -0.075 here, where 'mean' gives 0
+    assert L.diffusion_kto_reference(ref - model, des, "sigmoid") < 0
+    # an absent class contributes 0 (as in the released code); reduce averages each class mean
+    torch.testing.assert_close(L.diffusion_kto_reference(ref - model, torch.ones(4, dtype=torch.bool), "sigmoid"),
+                               torch.tensor(sum(g) / 4 / 2))
+    torch.testing.assert_close(L.diffusion_kto_reference(ref - model, des, "sigmoid", reduce=lambda x: 2 * x),
+                               torch.tensor(2 * -0.075))
+    default = L.diffusion_kto_loss(model, ref, des, 10.0)
+    torch.testing.assert_close(default, L.diffusion_kto_loss(model, ref, des, 10.0, "mean"))
+    with pytest.raises(ValueError, match="sigmoid"):
+        L.diffusion_kto_loss(model, ref, des, reference="offset")
+
+
+def test_dragon_kto_reference_config_and_wiring(monkeypatch):
+    import contextlib
+    from types import SimpleNamespace
+
+    from genalign import dragon
+    from genalign.config import Config, ConfigError
+
+    cfg = Config()
+    cfg.validate()
+    assert cfg.dragon.kto_reference == "mean"
+    cfg.dragon.kto_reference = "offset"
+    with pytest.raises(ConfigError, match="kto_reference"):
+        cfg.validate()
+    assert set(dragon.KTO_REFERENCES) == {"mean", "sigmoid"}
+
+    class Traj(SimpleNamespace):
+        def select(self, rows):
+            return Traj(final=self.final[rows], timesteps=self.timesteps[rows], sigmas=self.sigmas[rows],
+                        num_steps=self.num_steps, cond=None)
+
+        def to(self, device):
+            return self
+
+    w = torch.nn.Parameter(torch.tensor(1.3))
+    state = {"ref": False}
+
+    @contextlib.contextmanager
+    def reference():
+        state["ref"] = True
+        yield
+        state["ref"] = False
+
+    policy = SimpleNamespace(predict=lambda x, t, c: x * (1.0 if state["ref"] else w))
+    seen = []
+    real = L.diffusion_kto_loss
+    monkeypatch.setattr(L, "diffusion_kto_loss", lambda *a, **k: seen.append(k) or real(*a, **k))
+    dragon_cfg = SimpleNamespace(beta=2.0, loss="kto", kto_reference="sigmoid")
+    trainer = SimpleNamespace(cfg=SimpleNamespace(dragon=dragon_cfg),
+                              device=torch.device("cpu"), policy=policy, _autocast=contextlib.nullcontext,
+                              _reference=reference, acc=SimpleNamespace(backward=lambda loss: loss.backward()))
+    g = torch.Generator().manual_seed(0)
+    traj = Traj(final=torch.randn(4, 3, generator=g), timesteps=torch.rand(4, 2, generator=g),
+                sigmas=torch.rand(4, 2, generator=g), num_steps=2, cond=None)
+    labels, local = torch.tensor([1, -1, 1, -1]), torch.arange(4)
+    stats = dragon._micro_loss(trainer, traj, torch.arange(4)[:, None], labels, local, torch.tensor(4.0), seed=3)
+    assert seen and seen[0]["reference"] == "sigmoid" and "dragon/kto_z" in stats and w.grad is not None
