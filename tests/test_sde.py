@@ -162,3 +162,241 @@ def test_ddim_bad_alpha_raises(batch):
     x, eps = batch
     with pytest.raises(ValueError, match="alpha_bar_prev"):
         sde.ddim_step(eps, x, 0.5, 0.4, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The one-pass implementation against the straightforward per-element formulas (the previous implementation,
+# written out here): every full-size quantity materialised, the log-density evaluated per element, masked
+# per element where std == 0, then reduced.
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _col(t, like):
+    return t.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def _ref_mean_std(kind, v, x, s, s_next, a):
+    """Per-element mean and [B] std of a step, in the inputs' dtype."""
+    if kind == "sde":
+        denom = torch.where(s >= 1, s_next, s)
+        sig = a * torch.sqrt(s / (1 - denom))
+        dt = s_next - s
+        drift = v + _col(sig**2 / (2 * s), x) * (x + _col(1 - s, x) * v)
+        return x + drift * _col(dt, x), sig * torch.sqrt(-dt)
+    if kind == "cps":
+        std = s_next * torch.sin(a * math.pi / 2)
+        x0 = x - _col(s, x) * v
+        x1 = x + _col(1 - s, x) * v
+        keep = torch.sqrt(torch.clamp(s_next**2 - std**2, min=0))
+        return _col(1 - s_next, x) * x0 + _col(keep, x) * x1, std
+    # ddim: s, s_next are alpha_bar, alpha_bar_prev; a is eta
+    ab, ab_prev = s, s_next
+    x0 = (x - _col(torch.sqrt(1 - ab), x) * v) / _col(torch.sqrt(ab), x)
+    std = a * torch.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+    dir_coef = torch.sqrt(torch.clamp(1 - ab_prev - std**2, min=0))
+    return _col(torch.sqrt(ab_prev), x) * x0 + _col(dir_coef, x) * v, std
+
+
+def _ref_log_prob(x, mean, std, reduction):
+    """Element-wise Gaussian log-density, 0 where std == 0, then reduced."""
+    std_b = _col(std, x)
+    det = std_b == 0
+    safe = torch.where(det, torch.ones_like(std_b), std_b)
+    elem = -((x - mean) ** 2) / (2 * safe**2) - torch.log(safe) - LOG_SQRT_2PI
+    elem = torch.where(det, torch.zeros_like(elem), elem)
+    return elem.flatten(1).mean(1) if reduction == "mean" else elem.flatten(1).sum(1)
+
+
+def _schedule(kind, dtype):
+    """Per-sample schedule values for a batch of 5 with noise level 0 on two samples; the SDE batch has the
+    first step (s = 1), the CPS batch has the final step onto s' = 0 (std 0 although a > 0)."""
+    a = torch.tensor([0.7, 0.0, 0.5, 0.0, 0.9], dtype=dtype)
+    if kind == "sde":
+        s = torch.tensor([1.0, 0.9, 0.6, 0.3, 0.25], dtype=dtype)
+        s_next = torch.tensor([0.95, 0.8, 0.45, 0.1, 0.2], dtype=dtype)
+    elif kind == "cps":
+        s = torch.tensor([1.0, 0.9, 0.6, 0.3, 0.25], dtype=dtype)
+        s_next = torch.tensor([0.95, 0.8, 0.45, 0.1, 0.0], dtype=dtype)
+    else:
+        s = torch.tensor([0.05, 0.2, 0.5, 0.7, 0.9], dtype=dtype)  # alpha_bar
+        s_next = torch.tensor([0.2, 0.4, 0.6, 0.95, 0.99], dtype=dtype)  # alpha_bar_prev
+        a = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0], dtype=dtype)  # eta
+    return s, s_next, a
+
+
+STEPS = {"sde": sde.flow_sde_step, "cps": sde.cps_step, "ddim": sde.ddim_step}
+RTOL = {torch.float32: 1e-6, torch.float64: 1e-12}
+
+
+def _inputs(dtype, shape=(5, 4, 6, 6), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=dtype), torch.randn(shape, generator=g, dtype=dtype),
+            torch.randn(shape, generator=g, dtype=dtype))
+
+
+def _close(actual, expected, dtype):
+    """~1e-6 relative (float32) / 1e-12 (float64), relative to the largest entry for near-zero ones."""
+    scale = expected.abs().max().clamp_min(1.0)
+    torch.testing.assert_close(actual, expected, rtol=RTOL[dtype], atol=RTOL[dtype] * float(scale))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kind", ["sde", "cps", "ddim"])
+def test_one_pass_step_equals_per_element_formulas(kind, reduction, dtype):
+    x, v, other = _inputs(dtype)
+    s, s_next, a = _schedule(kind, dtype)
+    mean_ref, std_ref = _ref_mean_std(kind, v, x, s, s_next, a)
+    assert (std_ref == 0).sum() >= 2 and (std_ref > 0).sum() >= 2
+    # scoring: a given sample near the mean (some log-probs of either sign) and one far from it
+    for target in (mean_ref + _col(std_ref, x) * other, x):
+        out = STEPS[kind](v, x, s, s_next, a, prev_sample=target, reduction=reduction)
+        assert out.mean.dtype == dtype and out.log_prob.dtype == dtype and out.log_prob.shape == (5,)
+        _close(out.mean, mean_ref, dtype)
+        _close(out.std, std_ref, dtype)
+        _close(out.log_prob, _ref_log_prob(target, mean_ref, std_ref, reduction), dtype)
+        assert torch.all(out.log_prob[std_ref == 0] == 0)
+    # sampling: same generator -> the reference's sample, scored like the reference scores it
+    out = STEPS[kind](v, x, s, s_next, a, generator=torch.Generator().manual_seed(7), reduction=reduction)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=dtype)
+    _close(out.prev_sample, mean_ref + _col(std_ref, x) * noise, dtype)
+    assert torch.equal(out.prev_sample[std_ref == 0], out.mean[std_ref == 0])
+    _close(out.log_prob, _ref_log_prob(out.prev_sample, mean_ref, std_ref, reduction), dtype)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kind", ["sde", "cps", "ddim"])
+def test_log_prob_is_normal_density_where_std_positive(kind, reduction):
+    x, v, _ = _inputs(torch.float64)
+    s, s_next, a = _schedule(kind, torch.float64)
+    out = STEPS[kind](v, x, s, s_next, a, generator=torch.Generator().manual_seed(1), reduction=reduction)
+    pos = out.std > 0
+    elem = Normal(out.mean[pos], _col(out.std[pos], x).expand_as(out.mean[pos])).log_prob(out.prev_sample[pos])
+    ref = elem.flatten(1).mean(1) if reduction == "mean" else elem.flatten(1).sum(1)
+    torch.testing.assert_close(out.log_prob[pos], ref, rtol=1e-12, atol=1e-12)
+    assert torch.all(out.log_prob[~pos] == 0)
+
+
+def test_sampled_log_prob_is_reproduced_exactly_when_scoring():
+    """Sampling scores ``prev_sample - mean`` like scoring does, so a recomputation is bit-identical (scoring
+    ``std * noise`` instead would differ in the last bits: ``(mean + std * noise) - mean`` is rounded)."""
+    x, v, _ = _inputs(torch.float32, shape=(3, 4, 16, 16))
+    x = 30 * x  # large means and small steps: rounding of mean + std * noise is visible
+    for kind in ("sde", "cps"):
+        s, s_next, a = torch.tensor([0.9, 0.5, 0.2]), torch.tensor([0.89, 0.49, 0.19]), torch.tensor([0.7, 0.0, 0.9])
+        for reduction in ("mean", "sum"):
+            out = STEPS[kind](v, x, s, s_next, a, generator=torch.Generator().manual_seed(2), reduction=reduction)
+            again = STEPS[kind](v, x, s, s_next, a, prev_sample=out.prev_sample, reduction=reduction)
+            assert torch.equal(out.log_prob, again.log_prob)
+
+
+@pytest.mark.parametrize("kind", ["sde", "cps"])
+def test_per_sample_noise_level_zero_equals_diffusers_euler(kind):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    x, v, _ = _inputs(torch.float32, shape=(4, 4, 5, 5))
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    sched.set_timesteps(6)
+    a = torch.tensor([0.0, 0.8, 0.0, 0.5])
+    for i, t in enumerate(sched.timesteps):
+        ref = sched.step(v, t, x, return_dict=False)[0]
+        s, s_next = sched.sigmas[i].expand(4), sched.sigmas[i + 1].expand(4)
+        out = STEPS[kind](v, x, s, s_next, a, generator=torch.Generator().manual_seed(i))
+        zero = a == 0
+        torch.testing.assert_close(out.prev_sample[zero], ref[zero], rtol=1e-6, atol=1e-6)
+        assert torch.all(out.log_prob[zero] == 0) and torch.all(out.std[zero] == 0)
+        if i < len(sched.timesteps) - 1 or kind == "sde":  # CPS onto s' = 0 is deterministic at any level
+            assert torch.all(out.std[~zero] > 0)
+            assert not torch.allclose(out.prev_sample[~zero], ref[~zero], atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kind", ["sde", "cps", "ddim"])
+def test_log_prob_gradient_wrt_velocity_matches_reference_autograd(kind, reduction, dtype):
+    x, v, other = _inputs(dtype)
+    s, s_next, a = _schedule(kind, dtype)
+    mean0, std0 = _ref_mean_std(kind, v, x, s, s_next, a)
+    target = mean0 + _col(std0, x) * other + 0.1 * x  # off the mean, so the gradient is not ~0
+    weights = torch.linspace(-1.0, 2.0, 5, dtype=dtype)
+
+    v1 = v.clone().requires_grad_(True)
+    out = STEPS[kind](v1, x, s, s_next, a, prev_sample=target, reduction=reduction)
+    (out.log_prob * weights).sum().backward()
+
+    v2 = v.clone().requires_grad_(True)
+    mean_ref, std_ref = _ref_mean_std(kind, v2, x, s, s_next, a)
+    (_ref_log_prob(target, mean_ref, std_ref, reduction) * weights).sum().backward()
+
+    assert torch.isfinite(v1.grad).all()
+    assert v2.grad.abs().max() > 0
+    _close(v1.grad, v2.grad, dtype)
+    assert torch.all(v1.grad[std_ref == 0] == 0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_gaussian_kl_zero_std_is_zero_and_finite(reduction):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 3, 5, generator=g, requires_grad=True)
+    b = torch.randn(4, 3, 5, generator=g)
+    std = torch.tensor([0.5, 0.0, 2.0, 0.0])
+    kl = sde.gaussian_kl(a, b, std, reduction=reduction)
+    assert torch.all(torch.isfinite(kl)) and torch.all(kl[std == 0] == 0)
+    pos = std > 0
+    s = std[pos].view(-1, 1, 1).expand_as(a[pos])
+    elem = torch.distributions.kl_divergence(Normal(a[pos], s), Normal(b[pos], s)).flatten(1)
+    torch.testing.assert_close(kl[pos], elem.mean(1) if reduction == "mean" else elem.sum(1))
+    kl.sum().backward()
+    assert torch.isfinite(a.grad).all() and torch.all(a.grad[~pos] == 0) and a.grad[pos].abs().max() > 0
+    # scalar std 0 (every entry deterministic)
+    assert torch.equal(sde.gaussian_kl(a, b, 0.0, reduction=reduction), torch.zeros(4))
+
+
+def test_dtype_behaviour_float32_or_wider():
+    x, v, _ = _inputs(torch.float32)
+    s, s_next, a = _schedule("sde", torch.float32)
+    low = sde.flow_sde_step(v.bfloat16(), x.bfloat16(), s, s_next, a, prev_sample=x.bfloat16())
+    assert low.mean.dtype == torch.float32 and low.log_prob.dtype == torch.float32 and low.std.dtype == torch.float32
+    ref_mean, ref_std = _ref_mean_std("sde", v.bfloat16().float(), x.bfloat16().float(), s, s_next, a)
+    _close(low.log_prob, _ref_log_prob(x.bfloat16().float(), ref_mean, ref_std, "mean"), torch.float32)
+    wide = sde.cps_step(v.double(), x.double(), 0.5, 0.4, 0.7)
+    assert wide.mean.dtype == torch.float64 and wide.log_prob.dtype == torch.float64
+
+
+class _OpLog:
+    """Records the ATen ops a call runs (after autograd, before the kernels) with their output sizes."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        log = self.ops = []
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                outs = [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+                is_view = all(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+                log.append((func.overloadpacket.__name__, [o.numel() for o in outs], is_view))
+                return out
+
+        self.mode = Mode()
+
+
+@pytest.mark.parametrize("kind", ["sde", "cps", "ddim"])
+def test_step_has_no_host_sync_and_one_full_size_pass_for_the_log_prob(kind):
+    x, v, other = _inputs(torch.float32)
+    s, s_next, a = _schedule(kind, torch.float32)
+    full = x.numel()
+    log = _OpLog()
+    with log.mode:
+        STEPS[kind](v, x, s, s_next, a, prev_sample=other, validate=False)
+    names = [n for n, _, _ in log.ops]
+    assert "_local_scalar_dense" not in names and "item" not in names  # no device -> host copies
+    full_writes = [n for n, sizes, view in log.ops if not view and full in sizes]
+    # the mean (x * c_x, then + v * c_v in place) and the squared difference: nothing else full-size
+    assert len(full_writes) == 3, full_writes
+    log = _OpLog()
+    with log.mode:
+        sde.gaussian_kl(x, other, torch.tensor([0.5, 0.0, 1.0, 0.0, 2.0]))
+    assert [n for n, sizes, view in log.ops if not view and full in sizes] == ["mse_loss"]
