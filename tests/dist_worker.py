@@ -91,11 +91,35 @@ def _evaluate(trainer, simulate_world: int) -> float:
     return total / n
 
 
+def flat_for_cat(images, prompts, metadata):
+    """Constant for 'a cat' (a zero-variance group), brightness otherwise."""
+    scores = images.mean(dim=(1, 2, 3))
+    return torch.stack([torch.zeros(()) if p == "a cat" else s for p, s in zip(prompts, scores)])
+
+
+def _train(trainer, out: str) -> int:
+    """The whole loop; each rank records its local sample counts per epoch and a weight checksum."""
+    counts, sample = [], trainer.dynamic_sample_epoch
+
+    def recording(epoch, plan):
+        result = sample(epoch, plan)
+        counts.append(len(result[0]))
+        return result
+
+    trainer.dynamic_sample_epoch = recording
+    metrics = trainer.train()
+    weights = torch.cat([p.detach().flatten() for p in trainer.params])
+    with open(f"{out}.rank{trainer.rank}.json", "w") as fh:
+        json.dump({"local_counts": counts, "weights": weights.tolist(), "metrics": metrics}, fh)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="safetensors file written by rank 0")
     parser.add_argument("--config", default=None, help="YAML config (optional)")
     parser.add_argument("--simulate-world", type=int, default=1)
+    parser.add_argument("--train", action="store_true", help="run Trainer.train() and write <out>.rank<r>.json")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides key=value")
     args = parser.parse_args(argv)
 
@@ -106,6 +130,8 @@ def main(argv=None) -> int:
 
     trainer = Trainer(load_config(args.config, args.overrides))
     acc = trainer.acc
+    if args.train:
+        return _train(trainer, args.out)
     w0 = {n: p.detach().clone() for n, p in trainer.denoiser.named_parameters() if p.requires_grad}
 
     traj, rewards, _, group_ids, local = _sample(trainer, 0, args.simulate_world)

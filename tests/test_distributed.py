@@ -142,3 +142,21 @@ def test_reward_failing_on_one_rank_fails_the_whole_launch(sd3_dir, tmp_path, pr
     assert not (tmp_path / "r.safetensors").exists()
     kept = sorted(p.name for p in (out / "failed_rewards").iterdir())
     assert kept and all("rank1" in name for name in kept), kept
+
+
+def test_dynamic_sampling_with_uneven_shares_trains_in_step_on_two_processes(sd3_dir, tmp_path, prompts_file):
+    """DAPO refill keeps whole groups, so the processes may hold different numbers of samples: the launch must
+    neither hang nor diverge (identical weights on both ranks, groups kept as on one process)."""
+    out = tmp_path / "dyn"
+    over = _overrides(sd3_dir, tmp_path / "run", prompts_file, reward="flat_for_cat")
+    over = [o for o in over if not o.startswith("num_epochs=")] + [
+        "num_epochs=3", "train.dynamic_sampling=true", "train.dynamic_sampling_max_rounds=6", "train.num_minibatches=2"]
+    proc = _run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                 "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), "--train",
+                 "--out", str(out), *over], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (json.load(open(f"{out}.rank{r}.json")) for r in (0, 1))
+    assert r0["weights"] == r1["weights"]
+    assert r0["metrics"]["dynamic/groups_kept"] == 2
+    assert sum(r0["local_counts"]) + sum(r1["local_counts"]) == 3 * 8
+    assert r0["local_counts"] != r1["local_counts"]  # uneven shares actually happened on this seed
