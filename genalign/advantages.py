@@ -1,4 +1,4 @@
-"""Advantage estimators: a registry with one call signature (ALGORITHMS.md sections 2, 3 and 8).
+"""Advantage estimators: a registry with one call signature (docs/algorithms.md §9.2, §4.2).
 
 Every estimator is ``fn(rewards, group_ids, mask=None, **options) -> advantages``:
 

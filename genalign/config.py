@@ -230,7 +230,7 @@ class DragonConfig:
     loss: str = "dpo"
     """DRAGON loss on the flow-matching MSE: 'dpo' (Diffusion-DPO; needs pairing 'paired') or 'kto' (Diffusion-KTO)."""
     beta: Optional[float] = None
-    """Loss temperature; None = 5000 for dpo, 1000 for kto (ALGORITHMS.md section 5)."""
+    """Loss temperature; None = 5000 for dpo, 1000 for kto (docs/algorithms.md §6.5)."""
     criterion: str = "instance"
     """How D+ / D- are formed: 'instance' (per prompt group, the better half of the rewards -> D+) or 'set'
     (the rewards are a set reward's per-sample contributions, e.g. frechet_set / vendi; see set_split)."""

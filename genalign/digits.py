@@ -11,7 +11,7 @@ of ``seed``), so every asset set is evaluated on the same held-out digits.
 2. the generator (pixel-space ``SD3Transformer2DModel``) jointly with the word-level prompt encoder, by
    rectified flow matching (``x_s = (1 - s) x0 + s noise``, target ``noise - x0``, ``s ~ U(0, 1)``), with
    EMA weights. For alignment headroom the prompts are deliberately unreliable: with probability
-   ``label_noise`` (0.4) a sample's prompt names a uniformly random digit (ALGORITHMS.md 10: training
+   ``label_noise`` (0.4) a sample's prompt names a uniformly random digit (docs/algorithms.md §10.3: training
    to convergence on partly random labels gives digit-like samples at a weak prompt accuracy, whereas
    early checkpoints in that accuracy band look like noise). Prompts are dropped (-> empty prompt) with
    probability ``cond_dropout`` so CFG is available. Default sampling (``policy.json``): 10 uniform ODE

@@ -1,5 +1,5 @@
 """DRAGON training mode: on-policy generations split into D+ / D-, trained with Diffusion-DPO or -KTO on
-the flow-matching denoising loss (ALGORITHMS.md section 5).
+the flow-matching denoising loss (docs/algorithms.md §6).
 
 Split (``dragon.criterion``):
 

@@ -1,7 +1,7 @@
 """Policy-gradient surrogates, loss aggregation, KL estimators and preference losses.
 
 Pure math: tensors in, tensors out; imports only torch (and ``sde.gaussian_kl``). Shared by the
-diffusion trainer and the LLM pipeline (ALGORITHMS.md section 8).
+diffusion trainer and the LLM pipeline (docs/algorithms.md §9).
 
 Conventions
 -----------
@@ -499,7 +499,7 @@ def policy_loss(
 
 
 # ----------------------------------------------------------------------------------------------------
-# preference losses (ALGORITHMS.md sections 5 and 8)
+# preference losses (docs/algorithms.md §9.8, §9.9 and §6)
 #
 # All return PER-PAIR (or per-sample) losses ``[B]``; take ``.mean()`` (or aggregate) yourself.
 # "logps" are summed log-probs of a response, "logratios" are ``logp - ref_logp``. For diffusion, a

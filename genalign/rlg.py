@@ -1,4 +1,4 @@
-"""Inference-time alignment strength (RLG, ALGORITHMS.md section 7).
+"""Inference-time alignment strength (RLG, docs/algorithms.md §8).
 
 Like classifier-free guidance, but between the base model and its fine-tuned LoRA::
 

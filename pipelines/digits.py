@@ -15,7 +15,7 @@ Design (see ``genalign.digits`` for how the assets are trained):
   maps them to ``[B, 3, 8, 8]`` in ``[0, 1]``.
 * Schedule: ``FlowMatchEulerDiscreteScheduler`` semantics, ``x_s = (1 - s) x0 + s noise``, velocity
   ``noise - x0``, timesteps ``1000 * s``. Sigmas are uniform ``linspace(1, 0, T + 1)`` (shift 1), the
-  schedule that worked best for Flow-GRPO on this task (ALGORITHMS.md section 10); a ``shift`` in
+  schedule that worked best for Flow-GRPO on this task (docs/algorithms.md §10.3); a ``shift`` in
   ``policy.json`` applies SD3's ``shift * s / (1 + (shift - 1) s)``.
 * Default sampling settings live in ``policy.json`` (``num_steps``, ``guidance_scale``,
   ``noise_level`` = 0 i.e. ODE) and are deliberately weak so alignment has headroom.
@@ -50,7 +50,7 @@ ENCODER_WEIGHTS = "prompt_encoder.safetensors"
 TRANSFORMER_DIR = "transformer"
 _WORD_RE = re.compile(r"[a-z0-9]+")
 
-# SD3's Flow-GRPO LoRA targets (ALGORITHMS.md 2); the last block has no ``to_add_out`` (context pre-only).
+# SD3's Flow-GRPO LoRA targets (docs/algorithms.md §3.1); the last block has no ``to_add_out`` (context pre-only).
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 

@@ -1,4 +1,4 @@
-"""DRAGON distributional rewards: an encoder + a reference set define a reward (ALGORITHMS.md section 5).
+"""DRAGON distributional rewards: an encoder + a reference set define a reward (docs/algorithms.md §10.2).
 
 Encoders (:func:`build_encoder`, by name): ``dino`` (DINOv2 CLS, or mean patch token with
 ``token="patch"``), ``clip`` (CLIP image embeddings; also texts, so text references work cross-modally),

@@ -72,7 +72,7 @@ def test_step_weights_closed_form_and_sd3_values():
     torch.testing.assert_close(w[:9], sd3, atol=0.01, rtol=0)
     sig = torch.tensor([1.0, 0.7, 0.45, 0.2, 0.0])
     dt = sig[:-1] - sig[1:]
-    s = torch.sqrt(sig[:-1] / (1 - torch.tensor([0.7, 0.7, 0.45, 0.2]))) * dt.sqrt()  # s = 1 uses s' (ALGORITHMS 1.1)
+    s = torch.sqrt(sig[:-1] / (1 - torch.tensor([0.7, 0.7, 0.45, 0.2]))) * dt.sqrt()  # s = 1 uses s' (docs/algorithms.md §1.1)
     torch.testing.assert_close(methods.step_weight_table("noise_aware", sig, [0, 1, 2]), s / s[:3].mean())
     torch.testing.assert_close(methods.step_weight_table("inverse_dt", sig[None], [0, 1, 2])[0], (1 / dt) / (1 / dt[:3]).mean())
     assert torch.equal(methods.step_weight_table("none", sig, [0]), torch.ones(4))
