@@ -151,7 +151,7 @@ class TrainConfig:
     kl_form: str = "exact"
     """Gaussian KL scale: 'exact' (KL of the transitions, divided by the transition variance
     (sigma_t sqrt(dt))^2) or 'flow_grpo' (flow_grpo's code: the SDE step divides by sigma_t^2 only, i.e. the
-    exact KL times dt_j, 4x-28x weaker on SD3's 10-step shift-3 schedule; a kl_beta copied from a flow_grpo
+    exact KL times dt_j, 3.7x-25x weaker on the trained steps of SD3's 10-step shift-3 schedule; a kl_beta copied from a flow_grpo
     config needs this form; CPS steps have no sqrt(dt) in their std, so both forms agree there). The KL is
     reduced over elements like the log-probs (sampling.log_prob_reduction)."""
     reference_copy: bool = False
