@@ -46,7 +46,7 @@ def frechet(a, b) -> float:
 
 def real_images():
     """Held-out real digits as reward images ``[N, 3, 8, 8]`` in ``[0, 1]``."""
-    from genalign.digits import load_split
+    from genalign.pipelines.digits_pretrain import load_split
 
     x = load_split()[2]
     return ((x + 1) / 2).expand(-1, 3, -1, -1)

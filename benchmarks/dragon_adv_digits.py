@@ -46,7 +46,7 @@ def write_references(directory: str) -> str:
     """The real TRAIN digits as 8x8 PNGs (a reference directory)."""
     from PIL import Image
 
-    from genalign.digits import load_split
+    from genalign.pipelines.digits_pretrain import load_split
 
     os.makedirs(directory, exist_ok=True)
     x = ((load_split()[0][:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
@@ -57,7 +57,7 @@ def write_references(directory: str) -> str:
 
 def eval_hook_and_floor():
     """``(hook(images, prompts) -> {"eval/fd", "eval/accuracy"}, real FD floor)`` on held-out digits."""
-    from genalign.digits import load_split, prompt_digit
+    from genalign.pipelines.digits_pretrain import load_split, prompt_digit
     from genalign.rewards.digits import DigitCorrectReward
     from genalign.rewards.distributional import DigitsEncoder, feature_stats, frechet_distance
 

@@ -87,3 +87,73 @@ def resolve_resume(output_dir: str, resume: str) -> str:
     if not os.path.isfile(os.path.join(resume, MARKER)):
         raise CheckpointError(f"{resume!r} is not a complete checkpoint directory (missing {MARKER})")
     return resume
+
+
+class Checkpointer:
+    """Saves and restores every stateful part of a :class:`genalign.trainer.Trainer`: the trainable weights
+    (LoRA adapters, or the trainable parameters), the EMA, the trainer counters and config, and through
+    ``accelerator.save_state`` the optimizer, RNG states and registered objects (the Adv-GRPO discriminator).
+    Prepared models are kept out of accelerate's state (:func:`genalign.optim.save_state_hooks`)."""
+
+    def __init__(self, trainer):
+        self.tr = trainer
+        self.root = os.path.join(trainer.cfg.output_dir, "checkpoints")
+
+    def latest(self) -> Optional[str]:
+        return latest_checkpoint(self.root)
+
+    def save(self) -> Optional[str]:
+        """Atomic checkpoint (main process writes; all processes wait)."""
+        tr = self.tr
+        tr.acc.wait_for_everyone()
+        if not tr.is_main:
+            tr.acc.wait_for_everyone()
+            return None
+        path = save_checkpoint(self.root, tr.global_step, self._write, tr.cfg.checkpoint.keep_last)
+        tr.acc.wait_for_everyone()
+        return path
+
+    def _write(self, tmp: str) -> None:
+        from safetensors.torch import save_file
+
+        tr = self.tr
+        tr.acc.save_state(os.path.join(tmp, "accelerate"))
+        tr.save_weights(tmp)
+        if tr.ema is not None:
+            shadow = tr.ema.state_dict()["shadow"]
+            save_file({str(i): s.contiguous() for i, s in enumerate(shadow)}, os.path.join(tmp, "ema.safetensors"))
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as fh:
+            json.dump({**tr.counters(), "ema_updates": tr.ema.num_updates if tr.ema else 0}, fh)
+
+    def load(self, path: str) -> int:
+        """Restore ``path`` into the trainer; returns the epoch it resumes from."""
+        from safetensors.torch import load_file
+
+        from .config import ConfigError, to_dict
+        from .run import config_diff
+
+        tr = self.tr
+        with open(os.path.join(path, "trainer_state.json")) as fh:
+            state = json.load(fh)
+        diff = config_diff(state["config"], to_dict(tr.cfg))
+        if diff:
+            raise ConfigError(f"cannot resume from {path}: the config differs in {diff} "
+                              f"(only num_epochs, eval.* and checkpoint.* may change)")
+        tr.load_weights(path)
+        tr.acc.load_state(os.path.join(path, "accelerate"))
+        if tr.ema is not None:
+            shadow = load_file(os.path.join(path, "ema.safetensors"))
+            tr.ema.load_state_dict({"shadow": [shadow[str(i)] for i in range(len(shadow))],
+                                    "num_updates": state.get("ema_updates", 0)})
+        tr.epoch, tr.global_step, tr.samples_seen = state["epoch"], state["global_step"], state["samples_seen"]
+        tr.model_calls = state.get("model_calls", 0)
+        tr.optim.num_steps = tr.global_step
+        return tr.epoch
+
+    def resume_hint(self) -> str:
+        """Where a failed run can continue from: the newest complete checkpoint, or that none exists."""
+        path = self.latest()
+        if path is None:
+            return ("no checkpoint exists yet, so the run restarts from scratch (checkpoint.every = "
+                    f"{self.tr.cfg.checkpoint.every}; set it > 0 to save during training)")
+        return f"resume from {path} with --resume latest"

@@ -50,9 +50,9 @@ def _cmd_sample(args) -> int:
 
 
 def _cmd_pretrain_digits(args) -> int:
-    from .digits import main as digits_main
+    from .plugins import load_command
 
-    return digits_main(args.rest) or 0
+    return load_command("pretrain-digits")(args.rest) or 0
 
 
 def _cmd_grid(args) -> int:
@@ -66,12 +66,70 @@ def _cmd_grid(args) -> int:
     return 0
 
 
+def _run_config(path: str):
+    """A run's config: ``RUN/config.json`` (given the run directory or the file) or any config YAML."""
+    from .config import load_config
+
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    return load_config(path)
+
+
+def eval_settings(args) -> dict:
+    """``genalign eval``'s settings: each flag given, else the ``--config`` run's value (the evaluation of a
+    training run: ``eval_prompts_file``, ``eval.num_per_prompt``, ``eval.seed``, ``eval.num_steps`` or
+    ``sampling.num_steps``, ``sampling.batch_size``, ``reward`` and ``reward_options``, ``model.*`` and
+    ``mixed_precision``), else the defaults (digits, 8 per prompt, seed 0, the model's steps, batch 32)."""
+    from .prompts import read_prompts
+
+    cfg = _run_config(args.config) if args.config else None
+
+    def pick(flag, from_cfg, default):
+        return flag if flag is not None else (from_cfg() if cfg is not None else default)
+
+    if args.prompts_file or args.prompt:
+        prompts = _prompts(args)
+    elif cfg is not None and cfg.eval_prompts_file:
+        prompts = read_prompts(cfg.eval_prompts_file)
+    else:
+        raise SystemExit("genalign eval: give --prompts-file FILE, --prompt TEXT or --config RUN/config.json "
+                         "(with eval_prompts_file set)")
+    rewards = args.rewards or (cfg.reward if cfg is not None else None)
+    if not rewards:
+        raise SystemExit("genalign eval: give --rewards NAME ... or --config RUN/config.json")
+    m = cfg.model if cfg is not None else None
+    return {
+        "model": pick(args.model, lambda: m.id, "digits"), "prompts": prompts, "rewards": rewards,
+        "reward_options": cfg.reward_options if cfg is not None and not args.rewards else None,
+        "num_per_prompt": pick(args.num_per_prompt, lambda: cfg.eval.num_per_prompt, 8),
+        "seed": pick(args.seed, lambda: cfg.eval.seed, 0),
+        "num_steps": pick(args.steps, lambda: cfg.eval.num_steps or cfg.sampling.num_steps, None),
+        "guidance_scale": pick(args.guidance_scale, lambda: m.guidance_scale, None),
+        "device": pick(args.device, lambda: m.device, None),
+        "batch_size": pick(args.batch_size, lambda: cfg.sampling.batch_size, 32),
+        "dtype": m.dtype if m is not None else None,
+        "mixed_precision": cfg.mixed_precision if cfg is not None else "no",
+        "model_kwargs": {k: v for k, v in (("height", m.height), ("width", m.width)) if v} if m is not None else {},
+    }
+
+
 def _cmd_eval(args) -> int:
     from .evaluate import evaluate, to_markdown, write_eval
 
+    settings = eval_settings(args)
+    accelerator = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # accelerate launch / torchrun: share the images
+        import torch
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=settings["mixed_precision"])
+        settings["device"] = settings["device"] or str(accelerator.device)
     baseline = args.baseline_lora or args.baseline
-    result = evaluate(args.model, _prompts(args), args.rewards, args.num_per_prompt, args.seed, args.lora, baseline,
-                      args.steps, args.guidance_scale, args.device, args.batch_size, args.resamples)
+    result = evaluate(settings.pop("model"), settings.pop("prompts"), settings.pop("rewards"),
+                      lora=args.lora, baseline=baseline, resamples=args.resamples, accelerator=accelerator,
+                      config=args.config, **settings)
+    if accelerator is not None and not accelerator.is_main_process:
+        return 0
     json_path, _ = write_eval(result, args.out)
     print(to_markdown(result).split("\n## ")[0])
     print(f"wrote {json_path} and eval.md")
@@ -131,15 +189,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="reward means, bootstrap CIs and paired win rates (eval.json, eval.md)")
     _add_model_args(p)
+    p.add_argument("--config", default=None, metavar="RUN/config.json",
+                   help="take every setting not given as a flag from a run's config (its run directory or "
+                        "config.json, or a config YAML): prompts, reward, images per prompt, seed, steps, batch "
+                        "size, model and mixed precision of its evaluation, so the result's metrics reproduce "
+                        "the run's eval/* numbers")
     p.add_argument("--lora", default=None, help=f"the checkpoint to evaluate: {lora_help} (default: the base model)")
     base = p.add_mutually_exclusive_group()
     base.add_argument("--baseline-lora", default=None, help="compare against this LoRA (paired, same seeds)")
     base.add_argument("--baseline", choices=["base"], default=None, help="compare against the base model")
-    p.add_argument("--rewards", nargs="+", required=True, help="reward names or file.py:function specs")
-    p.add_argument("--num-per-prompt", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed SEED + i (checkpoint and baseline alike)")
+    p.add_argument("--rewards", nargs="+", default=None,
+                   help="reward names or file.py:function specs (weight 1 each; default: the --config run's reward)")
+    p.add_argument("--num-per-prompt", type=int, default=None, help="images per prompt (default 8, or the config's)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="image i uses seed SEED + i, checkpoint and baseline alike (default 0, or eval.seed)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (fixed seed 0)")
     p.add_argument("--out", required=True, help="directory for eval.json and eval.md")
+    p.set_defaults(model=None, batch_size=None)  # resolved by eval_settings (flag, else --config, else default)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("plot", help="learning curves of a run's metrics.jsonl")
@@ -168,7 +234,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"genalign {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # a failing reward or a non-finite loss: the message says what to do next
-        from genalign.rewards import RewardError
+        from .reward_api import RewardError
 
         from .trainer import NonFiniteError
 

@@ -20,15 +20,19 @@ optimizer step, so accumulation does not change the loss. Optimizer steps per ep
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import difflib
 import inspect
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 
 import yaml
+
+if TYPE_CHECKING:  # method_specs imports this module; config imports it lazily (no import cycle)
+    from .method_specs import MethodSpec
 
 
 class ConfigError(ValueError):
@@ -91,7 +95,8 @@ class SamplingConfig:
     async_rewards: bool = False
     """Score a batch in a background thread while the next batch is sampled."""
     window: Optional[Dict[str, Any]] = None
-    """SDE window (only its steps are stochastic and trained; ODE elsewhere): null, ``{kind: fast, size: 2,
+    """The option of method flow_grpo_fast (kind fast) and mixgrpo (kind mixgrpo), which set it; refused under
+    the other methods. SDE window (only its steps are stochastic and trained; ODE elsewhere): ``{kind: fast, size: 2,
     max_start: null}`` (Flow-GRPO-Fast: start drawn per group in [0, max_start], null = T//2 - size) or
     ``{kind: mixgrpo, size: 4, shift_every: 25, stride: 1, schedule: wrap}`` (MixGRPO, arXiv 2507.21802: one
     window for all samples of an epoch, moved by ``stride`` steps every ``shift_every`` epochs; stride 0 = a
@@ -102,7 +107,8 @@ class SamplingConfig:
     (seed, q), stride unused; the released random strategy redraws every iteration: shift_every 1). Windows lie within the
     n trainable steps (see train.timestep_fraction; the released MixGRPO window stays below step T - 2)."""
     branching: Optional[Dict[str, Any]] = None
-    """TempFlow-GRPO branching: null or ``{seeds: N, branches: K, steps: all | [j, ...] | n}``. Per prompt
+    """The option of method tempflow_grpo (which sets it; refused under the other methods). TempFlow-GRPO
+    branching: ``{seeds: N, branches: K, steps: all | [j, ...] | n}``. Per prompt
     and seed an ODE main trajectory; at each branching step j (all trainable steps, a list, or n drawn at
     random per seed) K branches take one SDE step from x_j and continue by ODE. Needs
     group_size = seeds * branches * (number of branching steps)."""
@@ -187,9 +193,6 @@ class TrainConfig:
     """Update the EMA every this many optimizer steps."""
     gradient_checkpointing: bool = False
     """Enable gradient checkpointing in the denoiser (saves activation memory)."""
-    mode: str = "grpo"
-    """Training objective: 'grpo' (clipped policy gradient on per-step log-probs) or 'dragon' (D+ / D- contrast
-    with Diffusion-DPO or -KTO on the flow-matching loss; see dragon.* and genalign.dragon)."""
     step_weighting: str = "none"
     """Per-step policy-loss weights (the KL term is never weighted): 'none', 'noise_aware' (TempFlow-GRPO,
     arXiv 2508.04324: w_j = s_j / mean_k s_k with s_j = sigma_t(j) sqrt(dt_j), mean over the trainable steps),
@@ -227,6 +230,8 @@ class CheckpointConfig:
 
 @dataclass
 class DragonConfig:
+    """Options of ``method: dragon`` (refused under other methods when changed from their defaults)."""
+
     loss: str = "dpo"
     """DRAGON loss on the flow-matching MSE: 'dpo' (Diffusion-DPO; needs pairing 'paired') or 'kto' (Diffusion-KTO)."""
     beta: Optional[float] = None
@@ -250,9 +255,11 @@ class DragonConfig:
 
 @dataclass
 class AdversarialConfig:
+    """Options of ``method: adv_grpo`` (refused under other methods when changed from their defaults)."""
+
     steps: int = 9
-    """Discriminator steps before each generator round, each on fresh generated images; applies when the reward
-    includes 'adversarial' (Adv-GRPO); 0 keeps the discriminator frozen."""
+    """Discriminator steps before each generator round, each on fresh generated images (method adv_grpo);
+    0 keeps the discriminator frozen."""
     rule: str = "fixed"
     """'fixed': always `steps` steps; 'while_behind': at most `steps`, each only while the generated images
     still outscore the references."""
@@ -280,9 +287,11 @@ class Config:
     """accelerate mixed precision: no, bf16 or fp16 (step math stays float32)."""
     log_with: List[str] = field(default_factory=list)
     """accelerate trackers to log to as well (tensorboard, wandb), when installed."""
-    method: Optional[str] = None
-    """Method preset (see METHOD_PRESETS): flow_grpo, flow_grpo_fast, tempflow_grpo, grpo_guard or mixgrpo.
-    It sets defaults of sampling.window / sampling.branching / train.*; explicit keys override it."""
+    method: str = "flow_grpo"
+    """Training method (genalign.method_specs): flow_grpo, flow_grpo_fast, mixgrpo, tempflow_grpo, grpo_guard,
+    dragon or adv_grpo. It picks the objective and the epoch plan and sets defaults (merged under the YAML and
+    the overrides: explicit keys win); sampling.window / sampling.branching / dragon.* / adversarial.* are the
+    options of their methods and refused under the others."""
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -329,22 +338,7 @@ class Config:
         _choice("train.step_weighting", t.step_weighting, ["none", "noise_aware", "inverse_dt", "noise_aware_released",
                                                             "noise_aware_released_flux", "noise_aware_released_qwenimage"])
         self._validate_deterministic_steps()
-        self._validate_dragon_adversarial()
-        if self.method is not None:
-            _choice("method", self.method, sorted(METHOD_PRESETS))
-        window, branching = self.window_spec(), self.branching_spec()
-        if window and branching:
-            raise ConfigError("sampling.window and sampling.branching cannot both be set (branching has its own "
-                              "one-step SDE windows)")
-        if t.dynamic_sampling and (branching or t.mode == "dragon"):
-            raise ConfigError("train.dynamic_sampling refills prompt groups of the policy-gradient objective; it cannot "
-                              "be combined with sampling.branching (TempFlow groups are per seed and step) or "
-                              "train.mode = 'dragon'")
-        if branching:
-            need = branching["seeds"] * branching["branches"] * branching["num_steps"]
-            if s.group_size != need:
-                raise ConfigError(f"sampling.group_size must equal sampling.branching seeds * branches * number of "
-                                  f"branching steps = {need} (images per prompt), got {s.group_size}")
+        self._validate_method()
         n = self.samples_per_epoch
         if n % (world_size * s.batch_size):
             raise ConfigError(
@@ -358,23 +352,21 @@ class Config:
                 f"{world_size} * {t.batch_size}")
 
 
-    def _validate_dragon_adversarial(self) -> None:
-        from .dragon import CRITERIA, LOSSES, PAIRINGS, SET_SPLITS
+    def method_spec(self) -> "MethodSpec":
+        """The :class:`genalign.method_specs.MethodSpec` of ``method`` (``ConfigError`` listing the valid names);
+        its ``objective`` names the training objective, its ``plan`` the epoch's sampling and trained steps. The
+        method's defaults are applied by :func:`load_config` (a ``Config`` built directly has none of them)."""
+        from .method_specs import get_method
 
-        d, a = self.dragon, self.adversarial
-        _choice("train.mode", self.train.mode, ["grpo", "dragon"])
-        for key, value, valid in (("loss", d.loss, LOSSES), ("criterion", d.criterion, CRITERIA),
-                                  ("pairing", d.pairing, PAIRINGS), ("set_split", d.set_split, SET_SPLITS)):
-            _choice(f"dragon.{key}", value, list(valid))
-        _choice("dragon.kto_reference", d.kto_reference, ["mean", "sigmoid"])
-        if d.loss == "dpo" and d.pairing != "paired":
-            raise ConfigError("dragon.loss = 'dpo' needs dragon.pairing = 'paired' (use loss 'kto' for unpaired data)")
-        if d.beta is not None and d.beta <= 0:
-            raise ConfigError(f"dragon.beta must be > 0, got {d.beta}")
-        _choice("adversarial.rule", a.rule, ["fixed", "while_behind"])
-        if a.steps < 0 or a.num_samples < 1:
-            raise ConfigError(f"adversarial.steps must be >= 0 and adversarial.num_samples >= 1, got {a.steps}, "
-                              f"{a.num_samples}")
+        return get_method(self.method)
+
+    def _validate_method(self) -> None:
+        """The options and rewards of other methods are refused, then the method's own checks run."""
+        from .method_specs import check_method_options
+
+        spec = self.method_spec()
+        check_method_options(self, spec)
+        spec.validate(self)
 
     def _validate_estimators(self) -> None:
         """Every registered advantage / surrogate / aggregation name either works in the diffusion trainer or is
@@ -489,18 +481,6 @@ UNSUPPORTED_SURROGATES = {"hapo": "it needs per-token entropy scores, which deno
 WINDOW_DEFAULTS: Dict[str, Dict[str, Any]] = {"fast": {"size": 2, "max_start": None},
                                               "mixgrpo": {"size": 4, "shift_every": 25, "stride": 1, "schedule": "wrap"}}
 
-METHOD_PRESETS: Dict[str, Dict[str, Any]] = {
-    "flow_grpo": {},
-    "flow_grpo_fast": {"sampling": {"window": {"kind": "fast", "size": 2}}},
-    "mixgrpo": {"sampling": {"window": {"kind": "mixgrpo", "size": 4, "shift_every": 25}}},
-    "tempflow_grpo": {"sampling": {"branching": {"seeds": 2, "branches": 4, "steps": 2}},
-                      "train": {"step_weighting": "noise_aware"}},
-    "grpo_guard": {"train": {"ratio_norm": True, "step_weighting": "inverse_dt"}},
-}
-"""Defaults each ``method`` sets (merged UNDER the YAML and the overrides). Paper values that depend on
-the model (clip range, beta, lr, TempFlow's N = 4 seeds x K = 6 branches) are left to the config; the
-TempFlow default (2 seeds x 4 branches x 2 random steps = 16 images per prompt) fits group_size 16."""
-
 
 def _choice(key: str, value: Any, valid: List[str]) -> None:
     if value not in valid:
@@ -613,7 +593,8 @@ def _merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides; the method's
+    defaults (:attr:`genalign.method_specs.MethodSpec.defaults`) are merged under both."""
     data: Dict[str, Any] = {}
     if path is not None:
         try:
@@ -626,10 +607,12 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path!r} must contain a mapping of keys, got {type(data).__name__}")
     data = _merge(data, parse_overrides(overrides or []))
-    method = data.get("method")
-    if method is not None:
-        _choice("method", method, sorted(METHOD_PRESETS))
-        data = _merge(METHOD_PRESETS[method], data)
+    if isinstance(data.get("train"), dict) and "mode" in data["train"]:
+        raise ConfigError("train.mode was replaced by method: dragon (train.mode: grpo is the default method, "
+                          "flow_grpo: remove the key)")
+    from .method_specs import get_method
+
+    data = _merge(copy.deepcopy(get_method(data.get("method", Config.method)).defaults), data)
     return _build(Config, data)
 
 

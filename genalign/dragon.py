@@ -7,7 +7,7 @@ Split (``dragon.criterion``):
   (-1); the middle sample of an odd group and groups with equal rewards are unused (0).
 - ``set``: rewards are a set reward's per-sample contributions (``frechet_set``, ``vendi``: leave-one-out).
   ``dragon.set_split: loo`` ranks them over the whole batch (top half D+); ``greedy`` builds D+ by pair
-  swaps that raise the set reward of D+ (:func:`genalign.rewards.distributional.greedy_split`).
+  swaps that raise the set reward of D+ (:func:`genalign.reward_api.greedy_split`).
 
 Losses at a shared noise and timestep (per pair; per sample when unpaired), ``x0`` = the rollout's final
 latents, ``x_t = (1 - s) x0 + s noise``, ``L(x) = mean_e (v_theta(x_t, t) - (noise - x0))^2`` with the
@@ -27,15 +27,13 @@ collective there could wait forever.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Dict, List
 
 import torch
 
 from . import losses
-from .methods import mix_seed
+from .choices import CRITERIA, LOSSES, PAIRINGS, SET_SPLITS  # noqa: F401 - re-exported
 
-CRITERIA, PAIRINGS, LOSSES, SET_SPLITS = ("instance", "set"), ("paired", "unpaired"), ("dpo", "kto"), ("loo", "greedy")
 KTO_REFERENCES = losses.KTO_REFERENCES  # dragon.kto_reference: "mean" | "sigmoid"
 DEFAULT_BETA = {"dpo": 5000.0, "kto": 1000.0}
 
@@ -95,7 +93,7 @@ def split_labels(trainer, rewards: torch.Tensor, group_ids: torch.Tensor, traj) 
     with torch.no_grad():
         final = traj.final.to(trainer.device)
         images = torch.cat([trainer.policy.decode(final[i:i + 64]) for i in range(0, len(traj), 64)])
-    from genalign.rewards.distributional import greedy_split
+    from .reward_api import greedy_split
 
     pos = greedy_split(fns[0].set_score, fns[0].encode(images), max_swaps=d.max_swaps)
     return pos.long() * 2 - 1
@@ -110,64 +108,3 @@ def _units(labels: torch.Tensor, group_ids: torch.Tensor, rewards: torch.Tensor,
         return units[(units >= 0).all(1)]
     mine = local[labels[local] != 0]
     return to_local[mine][:, None]
-
-
-def train_epoch(trainer, epoch: int, traj, rewards: torch.Tensor, group_ids: torch.Tensor,
-                local: torch.Tensor) -> Dict[str, float]:
-    """DRAGON optimizer steps over this process's samples (``train.num_minibatches`` per inner epoch)."""
-    cfg, t, d = trainer.cfg, trainer.cfg.train, trainer.cfg.dragon
-    paired = d.pairing == "paired"
-    labels = split_labels(trainer, rewards, group_ids, traj)
-    units = _units(labels, group_ids, rewards, local, paired)
-    sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=trainer.device))
-    count, norms = 0, []
-    trainer.denoiser.train()
-    for inner in range(t.num_inner_epochs):
-        gen = torch.Generator().manual_seed(mix_seed(cfg.seed, epoch, inner, 11))
-        order = units[torch.randperm(len(units), generator=gen)]
-        for mb in range(t.num_minibatches):
-            step_units = order[mb * len(order) // t.num_minibatches:(mb + 1) * len(order) // t.num_minibatches]
-            total = trainer.acc.reduce(torch.tensor(float(len(step_units)), device=trainer.device), "sum").clamp_min(1)
-            trainer.optimizer.zero_grad(set_to_none=True)
-            for start in range(0, len(step_units), t.batch_size):
-                micro = step_units[start:start + t.batch_size]
-                seed = mix_seed(cfg.seed, epoch, inner, mb, start, trainer.rank)
-                for key, v in _micro_loss(trainer, traj, micro, labels, local, total, seed).items():
-                    sums[key] += v
-            norms.append(trainer._optimizer_step(epoch))
-            count += 1
-    stats = {key: (v / max(count, 1)).item() for key, v in sums.items()}
-    stats.update({"grad_norm": torch.stack(norms).mean().item() if norms else 0.0, "dragon/units": float(len(units)),
-                  "dragon/pos_frac": (labels == 1).float().mean().item()})
-    return stats
-
-
-def _micro_loss(trainer, traj, micro: torch.Tensor, labels, local, total, seed: int) -> Dict[str, torch.Tensor]:
-    """Backward of one micro-batch of units (pairs share noise and timestep); returns its statistics."""
-    d, dev = trainer.cfg.dragon, trainer.device
-    beta = d.beta if d.beta is not None else DEFAULT_BETA[d.loss]
-    rows = micro.T.flatten()  # winners then losers (paired) or the samples
-    sub = traj.select(rows).to(dev)
-    gen = torch.Generator(dev).manual_seed(seed)
-    noise = torch.randn((len(micro), *sub.final.shape[1:]), generator=gen, device=dev)
-    noise = noise.repeat(micro.shape[1], *[1] * (noise.ndim - 1))  # pair members share noise and step
-    j = torch.randint(sub.num_steps, (len(micro),), generator=gen, device=dev).repeat(micro.shape[1])
-    r = torch.arange(len(rows), device=dev)
-    args = (sub.final, noise, sub.timesteps[r, j], sub.sigmas[r, j], sub.cond)
-    with trainer._autocast():
-        with torch.no_grad(), trainer._reference():
-            ref = denoising_losses(trainer.policy, *args)
-        model = denoising_losses(trainer.policy, *args)
-    if d.loss == "dpo":  # units are (winner, loser) pairs
-        p = len(micro)
-        per_unit = losses.diffusion_dpo_loss(model[:p], model[p:], ref[:p], ref[p:], beta)
-        margin = (model[:p] - model[p:]) - (ref[:p] - ref[p:])
-        extra = {"dragon/implicit_acc": (margin < 0).float().sum().detach() / total}
-    else:
-        desirable = labels[local[rows.cpu()]] == 1
-        per_unit, z = losses.diffusion_kto_loss(model, ref, desirable.to(dev), beta, reference=d.kto_reference,
-                                                return_reference=True)
-        extra = {"dragon/kto_z": z.detach() * len(micro) / total}  # unit-weighted, like the loss
-    loss = per_unit.sum() / total
-    trainer.acc.backward(loss)
-    return {"loss": loss.detach(), "dragon/model_mse": model.detach().sum() / total / micro.shape[1], **extra}

@@ -1,21 +1,25 @@
 """Evaluation of a checkpoint: reward statistics with bootstrap confidence intervals and paired win rates.
 
-Image i (prompt-major: ``num_per_prompt`` images per prompt) uses seed ``seed + i`` for the checkpoint
-and for the baseline alike, so both see the same initial noise and the comparison is paired: per
-prompt, the win rate is the fraction of seeds where the checkpoint's reward beats the baseline's
-(ties count one half). ``eval.json`` fields are documented in the README ("Compare: grids, RLG,
-eval, plots") and in :func:`evaluate`.
+Images are drawn and scored by :class:`genalign.evaluator.Evaluator`, the evaluator of training runs: image i
+(prompt-major: ``num_per_prompt`` images per prompt) uses seed ``seed + i`` for the checkpoint and for the
+baseline alike, so both see the same initial noise and the comparison is paired: per prompt, the win rate is
+the fraction of seeds where the checkpoint's reward beats the baseline's (ties count one half). Given a run's
+config (``genalign eval --config RUN/config.json``) the request, reward, model settings and mixed precision
+are the run's, and ``metrics`` (``eval/reward``, ``eval/<part>``) reproduces its evaluation. ``eval.json``
+fields are documented in the README ("Compare: grids, RLG, eval, plots") and in :func:`evaluate`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
-from .sampling import (Variant, default_steps, display_parts, expand_jobs, iter_samples, load_policy_with_loras,
+from .evaluator import Evaluator
+from .sampling import (Variant, default_steps, display_parts, load_policy_with_loras, mixed_precision_autocast,
                        use_variant)
 
 BOOTSTRAP_RESAMPLES = 1000
@@ -46,19 +50,12 @@ def describe(values: np.ndarray, **bootstrap) -> Dict[str, object]:
     return {"mean": float(values.mean()), "std": std, "ci95": list(bootstrap_ci(values, **bootstrap))}
 
 
-def score_variant(policy, variant: Variant, prompts: Sequence[str], seeds: Sequence[int], reward_set,
-                  num_steps: Optional[int], batch_size: int) -> Dict[str, np.ndarray]:
-    """Sample ``(prompts[i], seeds[i])`` with ``variant`` and return every reward component ``[N]``."""
-    parts: Dict[str, List[np.ndarray]] = {}
-    start = 0
+def score_variant(policy, variant: Variant, evaluator: Evaluator, autocast=None) -> Dict[str, np.ndarray]:
+    """Sample and score the evaluator's request with ``variant``: every reward component (and ``reward``, the
+    weighted total) as ``[N]`` per-image values, all processes' images combined."""
     with use_variant(policy, variant) as sampler:
-        for images in iter_samples(sampler, prompts, seeds, num_steps, batch_size):
-            chunk = list(prompts[start:start + len(images)])
-            meta = [{"seed": s} for s in seeds[start:start + len(images)]]
-            for name, value in reward_set(images, chunk, meta)[1].items():
-                parts.setdefault(name, []).append(value.numpy())
-            start += len(images)
-    return {name: np.concatenate(v) for name, v in parts.items()}
+        scores = evaluator.score(sampler, autocast).scores
+    return {name: v.numpy() for name, v in scores.items()}
 
 
 def summarize(prompts: Sequence[str], num_per_prompt: int, scores: Dict[str, np.ndarray],
@@ -82,41 +79,57 @@ def summarize(prompts: Sequence[str], num_per_prompt: int, scores: Dict[str, np.
     return out
 
 
-def evaluate(model: str, prompts: Sequence[str], rewards: Sequence[str], num_per_prompt: int = 8, seed: int = 0,
+def evaluate(model: str, prompts: Sequence[str], rewards, num_per_prompt: int = 8, seed: int = 0,
              lora: Optional[str] = None, baseline: Optional[str] = None, num_steps: Optional[int] = None,
              guidance_scale: Optional[float] = None, device: Optional[str] = None, batch_size: int = 32,
-             resamples: int = BOOTSTRAP_RESAMPLES, bootstrap_seed: int = BOOTSTRAP_SEED) -> dict:
+             resamples: int = BOOTSTRAP_RESAMPLES, bootstrap_seed: int = BOOTSTRAP_SEED, *,
+             reward_options: Optional[Dict[str, dict]] = None, dtype: Optional[str] = None,
+             mixed_precision: str = "no", model_kwargs: Optional[dict] = None, accelerator=None,
+             config: Optional[str] = None) -> dict:
     """Evaluate ``model`` (+ ``lora``) against ``baseline`` (``"base"``, a LoRA path, or None).
 
+    rewards: reward specs (weight 1 each) or a mapping ``{spec: weight}`` (a run's ``reward``), with
+    ``reward_options`` as in the config. dtype, model_kwargs (``height``, ``width``), mixed_precision: as the
+    config keys ``model.dtype``, ``model.*`` and ``mixed_precision``. accelerator: for several processes
+    (see :class:`genalign.evaluator.Evaluator`). config: the config file the settings came from (recorded).
+
     Returns the ``eval.json`` dict: ``model``, ``checkpoint`` (LoRA path or null = base), ``baseline``,
-    ``prompts``, ``num_per_prompt``, ``seed``, ``num_steps``, ``num_samples``, ``bootstrap``
-    (``resamples``, ``seed``, ``confidence``) and ``rewards``: per reward component ``mean``, ``std``,
-    ``ci95``, ``per_prompt`` (``prompt``, ``mean``, and with a baseline ``baseline_mean``, ``win_rate``)
-    and, with a baseline, ``baseline`` (``mean``, ``std``, ``ci95``), ``win_rate``, ``win_rate_ci95``.
+    ``config``, ``prompts``, ``num_per_prompt``, ``seed``, ``num_steps``, ``num_samples``, ``reward_weights``,
+    ``metrics`` (``eval/reward`` and ``eval/<part>`` of the checkpoint, as a training run logs them),
+    ``bootstrap`` (``resamples``, ``seed``, ``confidence``) and ``rewards``: per reward component ``mean``,
+    ``std``, ``ci95``, ``per_prompt`` (``prompt``, ``mean``, and with a baseline ``baseline_mean``,
+    ``win_rate``) and, with a baseline, ``baseline`` (``mean``, ``std``, ``ci95``), ``win_rate``,
+    ``win_rate_ci95``.
     """
-    from .rewards.base import RewardSet
+    from .reward_api import RewardSet
 
     if not rewards:
         raise ValueError("genalign eval: give at least one reward (--rewards NAME ...)")
+    weights = dict(rewards) if isinstance(rewards, Mapping) else (
+        {rewards: 1.0} if isinstance(rewards, str) else {r: 1.0 for r in rewards})
     baseline_lora = baseline if baseline not in (None, "base") else None
     loras = [p for p in (lora, baseline_lora) if p]
     names = [n for n, p in (("checkpoint", lora), ("baseline", baseline_lora)) if p]
-    policy, _ = load_policy_with_loras(model, loras, guidance_scale, device, names=names)
-    reward_set = RewardSet({r: 1.0 for r in rewards})
-    job_prompts, seeds = expand_jobs(prompts, num_per_prompt, seed)
+    policy, _ = load_policy_with_loras(model, loras, guidance_scale, device, names=names, dtype=dtype,
+                                       **(model_kwargs or {}))
+    reward_set = RewardSet(weights, reward_options, device=str(policy.device))
+    steps = default_steps(policy, num_steps)
+    evaluator = Evaluator(prompts, num_per_prompt, seed, steps, batch_size, reward_set, accelerator)
+    autocast = mixed_precision_autocast(mixed_precision, policy.device)
 
     def score(variant: Variant) -> Dict[str, np.ndarray]:
-        return score_variant(policy, variant, job_prompts, seeds, reward_set, num_steps, batch_size)
+        return score_variant(policy, variant, evaluator, autocast)
 
     scores = score(Variant("checkpoint", "checkpoint" if lora else None))
-    scores = {name: scores[name] for name in display_parts(list(scores), reward_set.names)}
+    metrics = Evaluator.metrics({k: torch.from_numpy(v) for k, v in scores.items()})
+    parts = {name: scores[name] for name in display_parts([k for k in scores if k != "reward"], reward_set.names)}
     base_scores = None if baseline is None else score(Variant("baseline", "baseline" if baseline_lora else None))
     bootstrap = {"resamples": resamples, "seed": bootstrap_seed}
     return {
-        "model": model, "checkpoint": lora, "baseline": baseline, "prompts": list(prompts),
-        "num_per_prompt": num_per_prompt, "seed": seed, "num_steps": default_steps(policy, num_steps),
-        "num_samples": len(job_prompts), "bootstrap": {**bootstrap, "confidence": CONFIDENCE},
-        "rewards": summarize(prompts, num_per_prompt, scores, base_scores, **bootstrap),
+        "model": model, "checkpoint": lora, "baseline": baseline, "config": config, "prompts": list(prompts),
+        "num_per_prompt": num_per_prompt, "seed": seed, "num_steps": steps, "num_samples": evaluator.num_images,
+        "reward_weights": weights, "metrics": metrics, "bootstrap": {**bootstrap, "confidence": CONFIDENCE},
+        "rewards": summarize(prompts, num_per_prompt, parts, base_scores, **bootstrap),
     }
 
 
@@ -132,6 +145,8 @@ def to_markdown(result: dict) -> str:
              f"{result['num_samples']} images: {len(result['prompts'])} prompts x {result['num_per_prompt']} seeds "
              f"from {result['seed']}, {result['num_steps']} steps; baseline: {result['baseline'] or 'none'}. "
              f"CIs: percentile bootstrap, {result['bootstrap']['resamples']} resamples.", "",
+             "As a training run logs it: " + ", ".join(f"{k} = {v:.4f}" for k, v in result["metrics"].items())
+             + ".", "",
              head, "|" + "---|" * head.count(" |")]
     for name, r in result["rewards"].items():
         row = f"| {name} | {r['mean']:.4f} | {r['std']:.4f} | {_fmt_ci(r['ci95'])} |"

@@ -69,7 +69,7 @@ def build_columns(lora_paths: Sequence[str], adapter_names: Sequence[str], rlg: 
 def compute_grid(policy, prompts: Sequence[str], seeds: Sequence[int], columns: Sequence[Variant],
                  num_steps: Optional[int] = None, reward_set=None, batch_size: int = 32) -> GridData:
     """Sample every (prompt, seed) row with every column's variant and score it with ``reward_set``
-    (a :class:`genalign.rewards.base.RewardSet` or None)."""
+    (a :class:`genalign.reward_api.RewardSet` or None)."""
     rows = [(p, int(s)) for p in prompts for s in seeds]
     row_prompts, row_seeds = [p for p, _ in rows], [s for _, s in rows]
     images = []
@@ -203,7 +203,7 @@ def make_grid(model: str, prompts: Sequence[str], seeds: Sequence[int], out: str
     policy, names = load_policy_with_loras(model, loras, guidance_scale, device)
     reward_set = None
     if rewards:
-        from .rewards.base import RewardSet
+        from .reward_api import RewardSet
 
         reward_set = RewardSet({r: 1.0 for r in rewards})
     data = compute_grid(policy, prompts, seeds, build_columns(loras, names, rlg), num_steps, reward_set, batch_size)

@@ -54,11 +54,15 @@ def adapters_disabled(denoiser: torch.nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def forward_of(live: torch.nn.Module, other: torch.nn.Module) -> Iterator[None]:
     """Make ``live(...)`` run ``other``'s forward (a frozen reference copy) for the duration."""
+    previous = live.__dict__.get("forward")  # an instance-level forward (e.g. routing through a DDP wrapper)
     live.forward = other.forward
     try:
         yield
     finally:
-        del live.forward
+        if previous is None:
+            del live.forward
+        else:
+            live.forward = previous
 
 
 def lora_state_dict(denoiser: torch.nn.Module) -> dict:

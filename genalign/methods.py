@@ -1,7 +1,8 @@
 """Timestep-aware strategies of the one trainer (README, "Methods"): what an epoch samples and
 trains (SDE windows of Flow-GRPO-Fast and MixGRPO, arXiv 2507.21802; TempFlow-GRPO branching,
 arXiv 2508.04324), step weights, GRPO-Guard RatioNorm and per-step ratio diagnostics. The trainer
-calls these through small hooks; the loop itself does not change.
+calls these through small hooks; the loop itself does not change. Which plan an epoch gets is the
+method's (:mod:`genalign.method_specs`); this module holds the building blocks.
 
 Shapes: N samples of the epoch (over all processes), B a local batch, T denoising steps, k steps
 trained per sample.
@@ -100,29 +101,41 @@ def window_starts(spec: Dict, seed: int, epoch: int, group_ids: torch.Tensor) ->
 
 
 def plan_epoch(cfg, epoch: int, group_ids: torch.Tensor, base_levels: torch.Tensor) -> EpochPlan:
-    """The epoch's plan from the config's window / branching strategy (identical on every process).
+    """The epoch's plan (identical on every process): ``cfg.method_spec().plan(...)`` (see
+    :mod:`genalign.method_specs`). base_levels: ``[T]`` levels of a full-SDE rollout."""
+    return cfg.method_spec().plan(cfg, epoch, group_ids, base_levels)
 
-    base_levels: ``[T]`` levels of a full-SDE rollout (used when neither strategy is on).
-    """
-    s, T, N = cfg.sampling, cfg.sampling.num_steps, len(group_ids)
+
+def full_plan(cfg, group_ids: torch.Tensor, base_levels: torch.Tensor) -> EpochPlan:
+    """Every sample: the levels ``base_levels [T]`` (full SDE) and all trainable steps trained."""
+    T, N = cfg.sampling.num_steps, len(group_ids)
     trainable = torch.tensor(cfg.trainable_steps(), dtype=torch.long)
-    window, branching = cfg.window_spec(), cfg.branching_spec()
-    if window:
-        window["num_trainable"] = len(trainable)
-        size = mixgrpo_window(window, cfg.seed, epoch)[1] if window["kind"] == "mixgrpo" else window["size"]
-        steps = trainable[window_starts(window, cfg.seed, epoch, group_ids)[:, None] + torch.arange(size)]
-        return EpochPlan(_levels_at(steps, N, T, s.noise_level), steps, N * T)
-    if branching:
-        return _branch_plan(cfg, branching, epoch, group_ids, trainable)
-    return EpochPlan(base_levels.expand(N, T).clone(), trainable.expand(N, len(trainable)), N * T)
+    return EpochPlan(base_levels.expand(N, T).clone(), trainable.expand(N, len(trainable)).clone(), N * T)
+
+
+def window_plan(cfg, window: Dict, epoch: int, group_ids: torch.Tensor) -> EpochPlan:
+    """SDE windows (``window`` = :meth:`genalign.config.Config.window_spec`): Flow-GRPO-Fast's per group,
+    MixGRPO's one per epoch; only the window's steps are stochastic and trained."""
+    if not window:
+        raise ValueError("window_plan needs a window spec (sampling.window)")
+    T, N = cfg.sampling.num_steps, len(group_ids)
+    trainable = torch.tensor(cfg.trainable_steps(), dtype=torch.long)
+    window = {**window, "num_trainable": len(trainable)}
+    size = mixgrpo_window(window, cfg.seed, epoch)[1] if window["kind"] == "mixgrpo" else window["size"]
+    steps = trainable[window_starts(window, cfg.seed, epoch, group_ids)[:, None] + torch.arange(size)]
+    return EpochPlan(_levels_at(steps, N, T, cfg.sampling.noise_level), steps, N * T)
 
 
 def _levels_at(steps: torch.Tensor, n: int, num_steps: int, level: float) -> torch.Tensor:
     return torch.zeros(n, num_steps).scatter_(1, steps, float(level))
 
 
-def _branch_plan(cfg, spec: Dict, epoch: int, group_ids: torch.Tensor, trainable: torch.Tensor) -> EpochPlan:
-    """Member m of a group -> seed ``m // (K S)``, branching slot ``(m // K) % S``, branch ``m % K``."""
+def branch_plan(cfg, spec: Dict, epoch: int, group_ids: torch.Tensor) -> EpochPlan:
+    """TempFlow-GRPO branching (``spec`` = :meth:`genalign.config.Config.branching_spec`). Member m of a group
+    -> seed ``m // (K S)``, branching slot ``(m // K) % S``, branch ``m % K``."""
+    if not spec:
+        raise ValueError("branch_plan needs a branching spec (sampling.branching)")
+    trainable = torch.tensor(cfg.trainable_steps(), dtype=torch.long)
     K, S, T = spec["branches"], spec["num_steps"], cfg.sampling.num_steps
     member = member_index(group_ids)
     seed_ids = group_ids * spec["seeds"] + member // (K * S)

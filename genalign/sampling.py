@@ -1,9 +1,15 @@
-"""Reproducible ODE sampling shared by ``genalign sample``, ``grid`` and ``eval``.
+"""The one sampling service of genalign: per-image seeds, shared by every user.
 
-Every image has its own seed: its initial noise is ``policy.initial_latents(1, Generator.manual_seed(seed))``,
-so an image depends only on (prompt, seed, weights) and never on its batch neighbours. Comparisons
-(grid columns, paired evaluation) reuse the same seeds, hence the same initial noise, for every
-checkpoint.
+``genalign sample``, ``grid`` and ``eval``, training-time evaluation (:class:`genalign.evaluator.Evaluator`),
+Adv-GRPO's fresh discriminator images and the digits pretraining metrics all sample through
+:func:`iter_samples` / :func:`sample_images`. Every image has its own seed: its initial noise is
+``policy.initial_latents(1, Generator(device).manual_seed(seed))`` and, for SDE sampling, the noise of each
+stochastic step is drawn next from that same generator; nothing else is random. So an image depends only
+on (prompt, seed, weights, steps, noise levels) and never on its batch neighbours, the batch size or the
+process that draws it (up to the float round-off of batched kernels). Requests are prompt-major lists
+(:func:`expand_jobs`) in which image i uses seed ``S + i`` (:func:`image_seed`); a process of ``W`` draws the
+images ``i % W == rank`` (:func:`shard`) with the seeds of their global indices. Comparisons (grid columns,
+paired evaluation) reuse the same seeds, hence the same noise, for every checkpoint.
 
 A *variant* of a loaded policy is one of: the base model (adapters disabled), one of its named LoRA
 adapters, or an RLG mix of base and adapter (:class:`genalign.rlg.RLGPolicy`); several LoRAs are
@@ -17,7 +23,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence
+from typing import Callable, ContextManager, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -32,18 +38,26 @@ class Variant:
 
 
 def load_policy_with_loras(model: str, loras: Sequence[str] = (), guidance_scale: Optional[float] = None,
-                           device: Optional[str] = None, names: Optional[Sequence[str]] = None):
-    """Load ``model`` and each LoRA (LoRA, checkpoint or run directory) as adapter ``names[i]``
-    (default ``lora0``, ``lora1``, ...). Returns ``(policy, adapter names)``."""
+                           device: Optional[str] = None, names: Optional[Sequence[str]] = None, dtype=None,
+                           **model_kwargs):
+    """Load ``model`` (``dtype``, ``model_kwargs`` such as ``height``/``width`` as ``load_policy`` takes them)
+    and each LoRA (LoRA, checkpoint or run directory) as adapter ``names[i]`` (default ``lora0``, ``lora1``,
+    ...). The LoRA weights are kept in float32 whatever ``dtype``, as the trainer keeps its trainable weights,
+    so a LoRA samples here as it did in training. Returns ``(policy, adapter names)``."""
     from .lora import load_lora
-    from .pipelines import load_policy
+    from .plugins import load_policy
 
-    policy = load_policy(model, device=device, guidance_scale=guidance_scale)
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    policy = load_policy(model, device=device, dtype=dtype, guidance_scale=guidance_scale, **model_kwargs)
     names = list(names) if names is not None else [f"lora{i}" for i in range(len(loras))]
     with warnings.catch_warnings():  # peft warns that a second adapter makes several: that is the point here
         warnings.filterwarnings("ignore", message=".*multiple adapters.*")
         for path, name in zip(loras, names):
             load_lora(policy, path, adapter_name=name)
+    for pname, p in policy.denoiser().named_parameters():
+        if "lora_" in pname and p.dtype != torch.float32:
+            p.data = p.data.float()
     return policy, names[:len(loras)]
 
 
@@ -64,9 +78,39 @@ def use_variant(policy, variant: Variant) -> Iterator[object]:
     yield policy if variant.rlg is None else RLGPolicy(policy, variant.rlg)
 
 
-def seeded_latents(policy, seeds: Sequence[int]) -> torch.Tensor:
-    """Initial noise ``[len(seeds), ...]``, row i drawn from its own generator seeded with ``seeds[i]``."""
-    return torch.cat([policy.initial_latents(1, torch.Generator(policy.device).manual_seed(int(s))) for s in seeds])
+def image_seed(base_seed: int, index: int) -> int:
+    """The seed of image ``index`` of a request seeded ``base_seed``: ``base_seed + index`` (so image i of
+    ``genalign sample --seed S`` is image 0 of ``--seed S+i``, and a grid row with seed s shows image s of
+    a request seeded 0)."""
+    return int(base_seed) + int(index)
+
+
+def expand_jobs(prompts: Sequence[str], num_per_prompt: int, seed: int) -> Tuple[List[str], List[int]]:
+    """A request as ``(prompts, seeds)`` lists, prompt-major: each prompt repeated ``num_per_prompt`` times,
+    image i seeded :func:`image_seed` ``(seed, i)``."""
+    jobs = [p for p in prompts for _ in range(num_per_prompt)]
+    return jobs, [image_seed(seed, i) for i in range(len(jobs))]
+
+
+def shard(num_images: int, rank: int = 0, world: int = 1) -> List[int]:
+    """The global image indices process ``rank`` of ``world`` draws: those with ``i % world == rank``, in order."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside [0, {world})")
+    return list(range(rank, num_images, world))
+
+
+def image_generator(policy, seed: int) -> torch.Generator:
+    """The generator of one image: on the policy's device, seeded with the image's seed. It draws the image's
+    initial noise, then (SDE sampling) the noise of each stochastic step, in step order."""
+    return torch.Generator(policy.device).manual_seed(int(seed))
+
+
+def seeded_latents(policy, seeds: Sequence[int],
+                   generators: Optional[Sequence[torch.Generator]] = None) -> torch.Tensor:
+    """Initial noise ``[len(seeds), ...]``, row i drawn by ``policy.initial_latents(1, g_i)`` from its own
+    generator ``g_i`` (:func:`image_generator` of ``seeds[i]``, or ``generators[i]`` when given)."""
+    generators = generators if generators is not None else [image_generator(policy, s) for s in seeds]
+    return torch.cat([policy.initial_latents(1, g) for g in generators])
 
 
 def default_steps(policy, num_steps: Optional[int] = None) -> int:
@@ -74,34 +118,111 @@ def default_steps(policy, num_steps: Optional[int] = None) -> int:
     return int(num_steps or getattr(policy, "num_steps", None) or 28)
 
 
+def default_step_kind(policy) -> str:
+    """``'ddim'`` for DDPM-family policies, ``'sde'`` for flow models. At noise level 0 the flow steps
+    ``'sde'`` and ``'cps'`` are the same Euler step ``x + (s' - s) v`` (exact coefficients, see
+    :mod:`genalign.sde`), so the ODE does not depend on the flow step kind."""
+    return "ddim" if policy.kind == "ddpm" else "sde"
+
+
+def step_noise_levels(num_steps: int, noise_level: Union[float, Sequence[float], torch.Tensor] = 0.0) -> torch.Tensor:
+    """Per-step noise levels ``[T]`` (float32) from one level for every step or ``T`` per-step levels."""
+    levels = torch.as_tensor(noise_level, dtype=torch.float32)
+    levels = levels.expand(num_steps).clone() if levels.ndim == 0 else levels.clone()
+    if levels.shape != (num_steps,):
+        raise ValueError(f"noise_level must be a number or {num_steps} per-step levels, "
+                         f"got shape {tuple(levels.shape)}")
+    if not bool(torch.all(torch.isfinite(levels) & (levels >= 0))):
+        raise ValueError(f"noise levels must be finite and >= 0, got {levels.tolist()}")
+    return levels
+
+
+def mixed_precision_autocast(mixed_precision: Optional[str] = "no", device=None) -> Callable[[], ContextManager]:
+    """An autocast factory for a run's ``mixed_precision`` (``no``, ``bf16``, ``fp16``): the context that
+    ``accelerate``'s ``Accelerator.autocast()`` enters on ``device`` (``torch.autocast`` with that dtype), so
+    ``genalign eval`` runs the forward a training run's evaluation ran."""
+    if mixed_precision in (None, "no"):
+        return contextlib.nullcontext
+    if mixed_precision not in ("bf16", "fp16"):
+        raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {mixed_precision!r}")
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    device_type = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    return lambda: torch.autocast(device_type=device_type, dtype=dtype)
+
+
+@torch.no_grad()
+def _final_latents(policy, prompts: List[str], seeds: Sequence[int], num_steps: int, levels: torch.Tensor,
+                   step_kind: str) -> torch.Tensor:
+    """Final latents of one batch. Row i uses only its own generator (seeded ``seeds[i]``): its initial noise,
+    then the noise of every step with a positive level; deterministic steps draw nothing."""
+    from . import sde
+    from .rollout import check_step_kind, transition
+
+    check_step_kind(policy, step_kind)
+    generators = [image_generator(policy, s) for s in seeds]
+    x = seeded_latents(policy, seeds, generators)
+    batch = len(prompts)
+    cond = policy.encode(prompts)
+    timesteps, sigmas = policy.schedule(num_steps)
+    if timesteps.shape[0] != num_steps or sigmas.shape[0] != num_steps + 1:
+        raise ValueError(f"schedule has {timesteps.shape[0]} timesteps / {sigmas.shape[0]} sigmas "
+                         f"for {num_steps} steps")
+    if policy.kind == "flow":
+        sde.check_sigmas(sigmas[:-1], sigmas[1:])
+    ts, sg = timesteps.to(policy.device, torch.float32), sigmas.to(policy.device, torch.float32)
+    for j in range(num_steps):
+        out = policy.predict(x, ts[j].expand(batch), cond)
+        level = float(levels[j])
+        # the step's mean and std; prev_sample=x (scored, then ignored) keeps it from drawing shared noise
+        step = transition(step_kind, out, x, sg[j].expand(batch), sg[j + 1].expand(batch),
+                          torch.full((batch,), level, device=x.device), prev_sample=x)
+        if level == 0.0:
+            x = step.mean  # what rollout's mean + 0 * noise gives, without drawing the noise
+        else:  # mean + std * noise as genalign.sde draws it, row i's noise from row i's generator
+            noise = torch.cat([torch.randn((1, *step.mean.shape[1:]), generator=g, device=step.mean.device,
+                                           dtype=step.mean.dtype) for g in generators])
+            x = torch.addcmul(step.mean, noise, step.std.reshape(-1, *[1] * (x.ndim - 1)).to(step.mean.dtype))
+    return x
+
+
 @torch.no_grad()
 def iter_samples(policy, prompts: Sequence[str], seeds: Sequence[int], num_steps: Optional[int] = None,
-                 batch_size: int = 32) -> Iterator[torch.Tensor]:
-    """Deterministic ODE (DDIM eta = 0 for DDPM models) samples, yielded per batch as ``[b, 3, H, W]`` in
-    [0, 1] on the CPU; image i comes from prompt ``prompts[i]`` and seed ``seeds[i]``."""
-    from .rollout import rollout
+                 batch_size: int = 32, *, noise_level: Union[float, Sequence[float], torch.Tensor] = 0.0,
+                 step_kind: Optional[str] = None, autocast: Optional[Callable[[], ContextManager]] = None
+                 ) -> Iterator[torch.Tensor]:
+    """THE sampler: image i from prompt ``prompts[i]`` and seed ``seeds[i]``, yielded per batch of
+    ``batch_size`` as ``[b, 3, H, W]`` float32 in [0, 1] on the CPU.
 
+    Everything random about image i (initial noise; for SDE sampling, each step's noise) comes from one
+    generator seeded ``seeds[i]``, so the image does not depend on the batch size, its batch neighbours or
+    the process drawing it (batched kernels may still round differently in the last bits).
+
+    num_steps: default :func:`default_steps`. noise_level: one level for every step or ``[T]`` per-step levels;
+    0 (default) = the deterministic ODE (DDIM eta = 0 for DDPM models). step_kind: default
+    :func:`default_step_kind`. Guidance is the policy's (``policy.guidance_scale``), the dtype its weights';
+    ``autocast``: a zero-argument factory of the mixed-precision context entered around each batch's sampling
+    and decoding (e.g. ``Accelerator.autocast`` or :func:`mixed_precision_autocast`).
+    """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     steps = default_steps(policy, num_steps)
-    step_kind = "ddim" if policy.kind == "ddpm" else "sde"
+    levels = step_noise_levels(steps, noise_level)
+    kind = step_kind or default_step_kind(policy)
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start:start + batch_size])
-        latents = seeded_latents(policy, seeds[start:start + batch_size])
-        traj = rollout(policy, policy.encode(chunk), chunk, steps, 0.0, step_kind, latents=latents)
-        yield policy.decode(traj.final).clamp(0, 1).float().cpu()
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            images = policy.decode(_final_latents(policy, chunk, seeds[start:start + batch_size], steps, levels, kind))
+        yield images.clamp(0, 1).float().cpu()
 
 
 def sample_images(policy, prompts: Sequence[str], seeds: Sequence[int], num_steps: Optional[int] = None,
-                  batch_size: int = 32) -> torch.Tensor:
-    """All of :func:`iter_samples` as one ``[N, 3, H, W]`` tensor."""
-    return torch.cat(list(iter_samples(policy, prompts, seeds, num_steps, batch_size)))
-
-
-def expand_jobs(prompts: Sequence[str], num_per_prompt: int, seed: int):
-    """``(prompts, seeds)`` lists: each prompt repeated ``num_per_prompt`` times, image i seeded ``seed + i``."""
-    jobs = [p for p in prompts for _ in range(num_per_prompt)]
-    return jobs, [seed + i for i in range(len(jobs))]
+                  batch_size: int = 32, **options) -> torch.Tensor:
+    """All of :func:`iter_samples` (same arguments and options) as one ``[N, 3, H, W]`` tensor."""
+    if not len(prompts):
+        raise ValueError("no prompts to sample")
+    return torch.cat(list(iter_samples(policy, prompts, seeds, num_steps, batch_size, **options)))
 
 
 def display_parts(parts: Sequence[str], rewards: Sequence[str]) -> List[str]:

@@ -1,23 +1,22 @@
-"""The one training loop: rollout -> rewards -> advantages -> clipped surrogate -> optimizer step.
+"""The one training loop: rollout -> rewards -> objective (advantages, loss) -> optimizer step.
 
-Read top to bottom: :meth:`Trainer.train` runs epochs; each epoch :meth:`Trainer.sample_epoch`
-generates trajectories with the SDE step and scores them, :meth:`Trainer.compute_advantages` turns the
-gathered rewards into group-relative advantages (identical on every process), and
-:meth:`Trainer.train_epoch` recomputes log-probs with THE SAME forward (``Policy.predict``, CFG
-included) and minimises the shared policy loss (:func:`genalign.losses.policy_loss`).
+:meth:`Trainer.train` reads top to bottom: each epoch samples trajectories with per-step log-probs and scores
+them (:meth:`Trainer.sample_epoch`; DAPO refill: :meth:`Trainer.dynamic_sample_epoch`), the method's objective
+(:mod:`genalign.objectives`: policy gradient for the Flow-GRPO family and Adv-GRPO, DRAGON's preference loss)
+turns the GLOBAL rewards into units, and :meth:`Trainer.optimise` runs its optimizer steps through the one
+:class:`genalign.optim.OptimizerStep` (accelerate's prepare / backward / no_sync / clip: DDP, FSDP and DeepSpeed
+come from the accelerate config). Run files live in :class:`genalign.run.RunDir`, checkpoints in
+:class:`genalign.checkpoint.Checkpointer`.
 
-Distributed: every process runs this loop on its slice of the epoch's samples. Gradients are summed
-over processes with one all-reduce per optimizer step, and the loss is normalised by the GLOBAL number
-of (sample, step) tokens, so N processes compute exactly what one process would on the same batch.
+Distributed: every process runs this loop on its slice of the epoch's samples; rewards are gathered, and the
+losses are normalised by GLOBAL counts, so N processes compute what one process computes on the same batch.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import copy
 import time
 import warnings
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Dict, List, Optional
@@ -25,37 +24,45 @@ from typing import Dict, List, Optional
 import torch
 from tqdm.auto import tqdm
 
-from . import dragon, losses, methods
-from .advantages import compute_advantages, zero_variance_groups
-from .checkpoint import latest_checkpoint, resolve_resume, save_checkpoint
-from .config import Config, ConfigError, to_dict
+from . import methods
+from .advantages import zero_variance_groups
+from .checkpoint import Checkpointer, resolve_resume
+from .config import Config, ConfigError
 from .ema import EMA
-from .lora import adapters_disabled, add_lora, forward_of, has_lora, save_lora
+from .lora import add_lora, has_lora, save_lora
 from .methods import EpochPlan, mix_seed as _seed
+from .objectives import EpochBatch, TrainContext, build_objective
+from .optim import NonFiniteError, OptimizerStep, save_state_hooks
+from .plugins import load_policy
 from .prompts import KRepeatSampler, read_prompts
-from .rollout import Trajectory, gather_steps, recompute_step, rollout
-from .sde import gaussian_kl
+from .reward_api import RewardError, RewardSet, TrainableReward, discriminator_round
+from .rollout import Trajectory, rollout
+from .run import RunDir, tracker_available
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class NonFiniteError(RuntimeError):
-    """A loss or gradient became NaN/inf; the optimizer step was skipped, so the weights are unchanged."""
-
-
+def objective_name(cfg: Config) -> str:
+    """The objective the config's method trains with."""
+    if hasattr(cfg, "method_spec"):
+        return cfg.method_spec().objective
+    return "dragon" if getattr(cfg.train, "mode", "grpo") == "dragon" else "policy_gradient"
 
 
 class Trainer:
-    """Flow-GRPO-family trainer for any :class:`genalign.policy.Policy` adapter."""
+    """The trainer for any :class:`genalign.policy.Policy` adapter and any registered objective."""
 
     def __init__(self, cfg: Config, resume: Optional[str] = None, accelerator=None):
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
         self.cfg = cfg
-        trackers = [t for t in cfg.log_with if _tracker_available(t)]
+        trackers = [t for t in cfg.log_with if tracker_available(t)]
+        # no buffer broadcast: processes may run different numbers of forwards (uneven eval shares)
+        ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
-                                              log_with=trackers or None, project_dir=cfg.output_dir)
+                                              log_with=trackers or None, project_dir=cfg.output_dir,
+                                              kwargs_handlers=[ddp])
         cfg.validate(self.acc.num_processes)
         set_seed(cfg.seed)
         self.device = torch.device(cfg.model.device) if cfg.model.device else self.acc.device
@@ -68,16 +75,12 @@ class Trainer:
         if self.eval_prompts and len(self.eval_prompts) * cfg.eval.num_per_prompt < self.world:
             raise ConfigError(f"{len(self.eval_prompts)} eval prompts x eval.num_per_prompt = {cfg.eval.num_per_prompt} "
                               f"images cannot be shared by {self.world} processes (each needs at least one)")
-        from genalign.rewards import RewardSet
-
         # every built-in reward model goes to this process's device unless its options say otherwise
         self.reward_fn = RewardSet(cfg.reward, cfg.reward_options, device=str(self.device))
         # Adv-GRPO: a reward model trained between generator rounds (checkpointed with the generator by accelerate)
-        self.adversary = next((fn for _, fn, _ in self.reward_fn.components if hasattr(fn, "discriminator_step")), None)
+        self.adversary = next((fn for _, fn, _ in self.reward_fn.components if isinstance(fn, TrainableReward)), None)
         if self.adversary is not None:
             self.acc.register_for_checkpointing(self.adversary)
-
-        from genalign.pipelines import load_policy
 
         self.policy = load_policy(cfg.model.id, device=self.device, dtype=DTYPES[cfg.model.dtype],
                                   guidance_scale=cfg.model.guidance_scale,
@@ -88,48 +91,39 @@ class Trainer:
         if cfg.model.xformers and hasattr(self.policy, "enable_xformers"):
             self.policy.enable_xformers()  # no-op without xformers or off CUDA
         self._setup_trainable()
+        self.ctx = TrainContext(cfg, self.policy, self.acc, self.optim, self.reward_fn, self.frozen_reference)
+        self.objective = build_objective(objective_name(cfg), self.ctx)
         self.sampler = KRepeatSampler(len(self.prompts), cfg.sampling.groups_per_epoch, cfg.sampling.group_size,
                                       cfg.seed, self.world, self.rank)
         self.noise_levels = self._noise_levels()
-        self.epoch, self.global_step, self.samples_seen, self.model_calls = 0, 0, 0, 0
+        self.epoch, self.samples_seen, self.model_calls = 0, 0, 0
         # extra evaluation metrics: callables (eval images [N, 3, H, W], prompts) -> {name: float} (one process)
         self.eval_hooks: List = []
-        self._diagnostics: Optional[methods.StepDiagnostics] = None  # per-step ratio statistics of train_epoch
-        self._nonfinite: Optional[torch.Tensor] = None  # [T, 2] non-finite token counts (policy, KL) of train_epoch
-        self.metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-        if resume:
-            self._load(resolve_resume(cfg.output_dir, resume))
-        elif self.is_main:
-            os.makedirs(cfg.output_dir, exist_ok=True)
-            if os.path.exists(self.metrics_path):
-                os.remove(self.metrics_path)
-        if self.is_main:
-            with open(os.path.join(cfg.output_dir, "config.json"), "w") as fh:
-                json.dump(to_dict(cfg), fh, indent=1)
-        if trackers:
-            self.acc.init_trackers("genalign", config=_flat(to_dict(cfg)))
+        self.run_dir = RunDir(cfg, self.acc, trackers)
+        self.metrics_path = self.run_dir.metrics_path
+        self.checkpointer = Checkpointer(self)
+        resumed = self.checkpointer.load(resolve_resume(cfg.output_dir, resume)) if resume else None
+        self.run_dir.start(resumed)
 
     # ------------------------------------------------------------------ setup
     def _setup_trainable(self) -> None:
-        cfg = self.cfg
+        cfg, t = self.cfg, self.cfg.train
         for module in _policy_modules(self.policy):
             module.requires_grad_(False)
-        self.reference = None
+        self.frozen_reference = None
         if cfg.lora.enabled:
             targets = cfg.lora.target_modules or self.policy.lora_target_modules
             add_lora(self.denoiser, cfg.lora.rank, cfg.lora.alpha, targets)
         else:
-            needs_reference = cfg.train.kl_beta > 0 or cfg.train.mode == "dragon"
-            if needs_reference and cfg.train.reference_copy:
-                import copy
-
-                self.reference = copy.deepcopy(self.denoiser).eval()
+            needs_reference = t.kl_beta > 0 or objective_name(cfg) == "dragon"
+            if needs_reference and t.reference_copy:
+                self.frozen_reference = copy.deepcopy(self.denoiser).eval()
             elif needs_reference:
-                raise ConfigError("train.kl_beta > 0 or train.mode = dragon with full fine-tuning needs a reference: set "
+                raise ConfigError("train.kl_beta > 0 or method dragon with full fine-tuning needs a reference: set "
                                   "train.reference_copy=true (keeps a frozen copy) or lora.enabled=true")
             self.denoiser.requires_grad_(True)
         self.denoiser.to(self.device)
-        if cfg.train.gradient_checkpointing:
+        if t.gradient_checkpointing:
             if not hasattr(self.denoiser, "enable_gradient_checkpointing"):
                 raise ConfigError(f"train.gradient_checkpointing: {type(self.denoiser).__name__} does not support it")
             self.denoiser.enable_gradient_checkpointing()
@@ -138,12 +132,22 @@ class Trainer:
             raise ConfigError("no trainable parameters (check lora.target_modules)")
         for p in self.params:  # trainable weights in float32; frozen ones keep model.dtype
             p.data = p.data.float()
-        t = cfg.train
         fused = {"fused": True} if self.device.type == "cuda" else {}
         opt = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
                                 eps=t.adam_eps, **fused)
-        self.optimizer = self.acc.prepare(opt)
         self.ema = EMA(self.params, t.ema_decay, t.ema_every) if t.ema else None
+        save_state_hooks(self.acc)
+        self.optim = OptimizerStep(self.acc, self.denoiser, opt, self.params, t.max_grad_norm, self.ema,
+                                   describe_failure=self._failure_detail)
+        self.optimizer = self.optim.optimizer
+
+    @property
+    def global_step(self) -> int:
+        return self.optim.num_steps
+
+    @global_step.setter
+    def global_step(self, value: int) -> None:
+        self.optim.num_steps = value
 
     def _noise_levels(self) -> torch.Tensor:
         s = self.cfg.sampling
@@ -170,62 +174,91 @@ class Trainer:
         cfg = self.cfg
         t0 = time.time()
         if self.epoch == 0 and self.eval_prompts:
-            self._log({"epoch": 0, "global_step": 0, "samples_seen": 0, **self.evaluate(save_before=True)})
+            self.run_dir.log({"epoch": 0, "global_step": 0, "samples_seen": 0, **self.evaluate(save_before=True)})
         for epoch in range(self.epoch, cfg.num_epochs):
             t_start = time.time()
-            adv_stats = self.train_discriminator(epoch) if self.adversary is not None else {}
+            extra = self.train_discriminator(epoch) if self.adversary is not None else {}
             plan = self.plan(epoch)
             if cfg.train.dynamic_sampling:
-                traj, rewards, parts, group_ids, local, plan, dyn_stats = self.dynamic_sample_epoch(epoch, plan)
-                adv_stats.update(dyn_stats)
+                batch, dyn = self.dynamic_sample_epoch(epoch, plan)
+                extra.update(dyn)
             else:
-                traj, rewards, parts, group_ids, local = self.sample_epoch(epoch, plan)
+                batch = EpochBatch(*self.sample_epoch(epoch, plan), plan=plan)
             t_sampled = time.time()
-            if cfg.train.mode == "dragon":
-                stats = dragon.train_epoch(self, epoch, traj, rewards, group_ids, local)
-            elif len(rewards) == 0:  # dynamic sampling found no group with reward variance: nothing to train
-                stats = {}
-            else:
-                adv, valid = self.compute_advantages(rewards, group_ids, plan)
-                stats = self.train_epoch(epoch, traj, adv[local], valid[local], plan.train_steps[local])
-                stats.update({"adv/mean": adv.mean().item(), "adv/std": adv.std().item(),
-                              "adv/abs_mean": adv.abs().mean().item(),
-                              "groups/zero_std_frac": 1.0 - valid.float().mean().item()})
+            stats = self.optimise(epoch, batch) if len(batch.rewards) else {}
             t_trained = time.time()
-            self.epoch = epoch + 1
-            n_sampled = cfg.samples_per_epoch * int(adv_stats.get("dynamic/rounds", 1))
-            self.samples_seen += n_sampled
-            self.model_calls += plan.model_calls  # sampling forwards per image (TempFlow: T per main + T - j per branch)
+            n_sampled = cfg.samples_per_epoch * int(extra.get("dynamic/rounds", 1))
+            self.epoch, self.samples_seen = epoch + 1, self.samples_seen + n_sampled
+            self.model_calls += batch.plan.model_calls  # sampling forwards (TempFlow: T per main + T - j per branch)
+            rewards = batch.rewards
             row = {"epoch": self.epoch, "global_step": self.global_step, "samples_seen": self.samples_seen,
                    "model_calls": self.model_calls,
                    **({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item()} if len(rewards) else {}),
-                   **{f"reward/{k}/mean": v.mean().item() for k, v in parts.items()},
-                   **stats, **adv_stats, "lr": self.optimizer.param_groups[0]["lr"],
+                   **{f"reward/{k}/mean": v.mean().item() for k, v in batch.parts.items() if len(v)},
+                   **stats, **extra, "lr": self.optimizer.param_groups[0]["lr"],
                    "time/sample_s": t_sampled - t_start, "time/train_s": t_trained - t_sampled,
-                   "samples_per_s": n_sampled / max(t_trained - t_start, 1e-9),
-                   "elapsed_s": time.time() - t0}
+                   "samples_per_s": n_sampled / max(t_trained - t_start, 1e-9), "elapsed_s": time.time() - t0}
             last = self.epoch == cfg.num_epochs
             if self.eval_prompts and (last or (cfg.eval.every and self.epoch % cfg.eval.every == 0)):
                 row.update(self.evaluate())
-            self._log(row)
+            self.run_dir.log(row)
             if last or (cfg.checkpoint.every and self.epoch % cfg.checkpoint.every == 0):
                 self.save()
         return self.finish()
 
+    def optimise(self, epoch: int, batch: EpochBatch) -> Dict[str, float]:
+        """The objective's optimizer steps on this epoch's batch (``train.num_minibatches`` per inner epoch)."""
+        obj, t = self.objective, self.cfg.train
+        units = obj.prepare(epoch, batch)
+        sums: Dict[str, torch.Tensor] = {}
+        count, norms = 0, []
+        self.denoiser.train()
+        for inner in range(t.num_inner_epochs):
+            for rows in tqdm(obj.minibatches(units, epoch, inner), desc=f"epoch {epoch + 1} training",
+                             disable=not self.is_main, leave=False):
+                fns = obj.backwards(units, rows)
+                if not fns:  # no sample in this step on any process (equal shares): nothing to step
+                    continue
+                step_sums, norm = self.optim.run(fns, where=f" at epoch {epoch + 1}, optimizer step "
+                                                            f"{self.global_step + 1}: ")
+                obj.after_step()
+                for key, v in step_sums.items():
+                    sums[key] = sums[key] + v if key in sums else v
+                count, norms = count + 1, norms + [norm]
+        stats = {key: (v / max(count, 1)).item() for key, v in sums.items()}
+        stats["grad_norm"] = torch.stack(norms).mean().item() if norms else 0.0
+        stats.update(obj.stats(units))
+        stats.update(obj.epoch_stats())
+        return stats
+
+    def accumulate(self, units, rows: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The gradients of one optimizer step over ``rows`` of ``units`` without applying them (tests,
+        benchmarks); returns the step's summed statistics."""
+        sums: Dict[str, torch.Tensor] = {}
+        fns = self.objective.backwards(units, rows)
+        for i, fn in enumerate(fns):
+            for k, v in fn(i == len(fns) - 1).items():
+                sums[k] = sums[k] + v if k in sums else v
+        return sums
+
+    def _failure_detail(self) -> str:
+        return (f"{self.objective.describe_failure()}. The optimizer step was skipped, so the weights are unchanged; "
+                f"{self.checkpointer.resume_hint()}. Check the rewards' scale, train.lr, train.kl_beta and the dtype "
+                f"(model.dtype / mixed_precision)")
+
     def train_discriminator(self, epoch: int) -> Dict[str, float]:
         """Adv-GRPO: ``adversarial.steps`` discriminator steps, each on ``adversarial.num_samples`` fresh images
         of random training prompts (SDE at ``sampling.noise_level``; the same on every process)."""
-        from genalign.rewards.adversarial import discriminator_round
-
         a, s = self.cfg.adversarial, self.cfg.sampling
 
-        def sample(k: int) -> torch.Tensor:
+        def sample(k: int):
             g = torch.Generator().manual_seed(_seed(self.cfg.seed, epoch, k, 13))
             prompts = [self.prompts[i] for i in torch.randint(len(self.prompts), (a.num_samples,), generator=g)]
             return self.sample_images(prompts, _seed(self.cfg.seed, epoch, k, 17), s.num_steps, s.noise_level), prompts
 
         return discriminator_round(self.adversary, sample, a.steps, a.rule, _seed(self.cfg.seed, epoch, 19))
 
+    # ------------------------------------------------------------------ sampling
     def sample_epoch(self, epoch: int, plan: Optional[EpochPlan] = None, draw: Optional[int] = None):
         """Roll out this process's samples of ``epoch`` (as ``plan`` says; default :meth:`plan`) and score
         them; rewards are gathered globally. ``draw`` (default ``epoch``) seeds the prompts and the noise:
@@ -243,7 +276,7 @@ class Trainer:
         self.denoiser.eval()
         if mine.branch_step is not None:  # TempFlow: all local branches at once (each main ODE runs once)
             gen = torch.Generator(self.device).manual_seed(_seed(cfg.seed, draw, self.rank))
-            with self._autocast():
+            with self.autocast():
                 branches = methods.branch_rollout(self.policy, self.policy.encode(prompts), prompts, mine,
                                                   _seed(cfg.seed, draw), s.step_kind, s.batch_size, generator=gen,
                                                   reduction=s.log_prob_reduction)
@@ -251,7 +284,7 @@ class Trainer:
         for b, start in enumerate(tqdm(batches, desc=f"epoch {epoch + 1} sampling", disable=not self.is_main, leave=False)):
             batch_prompts = prompts[start:start + s.batch_size]
             gen = torch.Generator(self.device).manual_seed(_seed(cfg.seed, draw, self.rank, b))
-            with self._autocast():
+            with self.autocast():
                 if branches is not None:
                     traj = branches.select(slice(start, start + s.batch_size))
                 else:
@@ -277,9 +310,9 @@ class Trainer:
         round r > 0 draws new prompts and noise) until ``groups_per_epoch`` groups with reward variance exist
         or ``train.dynamic_sampling_max_rounds`` rounds ran; keep the first such groups in sampling order.
 
-        Returns :meth:`sample_epoch`'s tuple restricted to the kept groups (global arrays re-indexed, group ids
-        unique over rounds), the kept rows of the plan and ``dynamic/*`` statistics. Processes may keep
-        different numbers of local samples; the loss stays normalised by global counts.
+        Returns an :class:`EpochBatch` of the kept groups (global arrays re-indexed, group ids unique over
+        rounds) and ``dynamic/*`` statistics. Every process keeps the same number of local rows: processes
+        with fewer kept samples are padded with rows at position -1, which train nothing.
         """
         cfg = self.cfg
         need, n = cfg.sampling.groups_per_epoch, cfg.samples_per_epoch
@@ -299,38 +332,37 @@ class Trainer:
         new_pos = torch.cumsum(keep.long(), 0) - 1
         local_all = torch.cat([r[4] for r in rounds])
         mine = keep[local_all]
-        traj = Trajectory.cat([r[0] for r in rounds]).select(mine.nonzero().flatten())
-        parts = {k: torch.cat([r[2][k] for r in rounds])[keep] for k in rounds[0][2]}
+        rows = mine.nonzero().flatten()
+        # equal shares: pad to the largest share with rows that train nothing (position -1)
+        most = int(self.acc.gather(torch.tensor([len(rows)], device=self.device)).max()) if self.world > 1 else len(rows)
+        spare = (~mine).nonzero().flatten()
+        pad = spare[torch.arange(most - len(rows)) % max(len(spare), 1)] if most > len(rows) else spare[:0]
+        traj = Trajectory.cat([r[0] for r in rounds]).select(torch.cat([rows, pad]))
+        local = torch.cat([new_pos[local_all[rows]], torch.full((len(pad),), -1, dtype=torch.long)])
         plans = [r[5] for r in rounds]
         plan = EpochPlan(torch.cat([q.levels for q in plans])[keep], torch.cat([q.train_steps for q in plans])[keep],
                          sum(q.model_calls for q in plans))
+        parts = {k: torch.cat([r[2][k] for r in rounds])[keep] for k in rounds[0][2]}
         stats = {"dynamic/rounds": float(len(rounds)), "dynamic/groups_kept": float(len(chosen)),
                  "dynamic/groups_with_variance": float(len(set(good.tolist())))}
         if len(chosen) < need and self.is_main:
             warnings.warn(f"epoch {epoch + 1}: dynamic sampling found only {len(chosen)} of {need} groups with reward "
                           f"variance in {len(rounds)} rounds (train.dynamic_sampling_max_rounds); training on those")
-        return traj, rewards[keep], parts, group_ids[keep], new_pos[local_all[mine]], plan, stats
+        return EpochBatch(traj, rewards[keep], parts, group_ids[keep], local, plan), stats
 
     def _score(self, images, prompts, meta, epoch, batch_index):
-        from genalign.rewards import RewardError
-
         try:
             return self.reward_fn(images, prompts, meta)
         except RewardError as exc:
             kept = self._keep_failed_batch(images, prompts, epoch, batch_index)
             raise RewardError(f"{exc} [epoch {epoch + 1}, rank {self.rank}, batch {batch_index}; the batch's "
-                              f"images and prompts are kept in {kept}; fix the reward, then {self._resume_hint()}]",
-                              exc.reward, exc.indices) from exc
-
-    def _resume_hint(self) -> str:
-        """Where a failed run can continue from: the newest complete checkpoint, or that none exists."""
-        path = latest_checkpoint(os.path.join(self.cfg.output_dir, "checkpoints"))
-        if path is None:
-            return ("no checkpoint exists yet, so the run restarts from scratch (checkpoint.every = "
-                    f"{self.cfg.checkpoint.every}; set it > 0 to save during training)")
-        return f"resume from {path} with --resume latest"
+                              f"images and prompts are kept in {kept}; fix the reward, then "
+                              f"{self.checkpointer.resume_hint()}]", exc.reward, exc.indices) from exc
 
     def _keep_failed_batch(self, images, prompts, epoch, batch_index) -> str:
+        import json
+        import os
+
         from safetensors.torch import save_file
 
         out = os.path.join(self.cfg.output_dir, "failed_rewards", f"epoch{epoch + 1}-rank{self.rank}-batch{batch_index}")
@@ -340,197 +372,18 @@ class Trainer:
             json.dump(prompts, fh)
         return out
 
+    # ------------------------------------------------------------------ forward contexts
+    def reference(self):
+        """Context in which the denoiser computes the reference policy (adapters disabled or the frozen copy)."""
+        return self.ctx.reference()
+
+    def autocast(self):
+        return self.ctx.autocast()
+
     def compute_advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor, plan: Optional[EpochPlan] = None):
-        """Group-relative advantages over the GLOBAL batch (identical on every process) and the
-        per-sample validity mask (False for zero-variance groups when filtering is on).
-
-        With TempFlow branching (``plan.branch_step``) groups are (prompt, seed, step) and each sample
-        gets its branch step's process advantage (:func:`genalign.methods.branch_advantages`).
-        """
-        t = self.cfg.train
-        if plan is not None and plan.branch_step is not None:
-            steps = plan.branch_step
-            adv = methods.branch_advantages(rewards, plan)[torch.arange(len(steps)), steps]
-            adv = adv.clamp(-t.advantage_clip, t.advantage_clip)
-            group_ids = plan.seed_ids * self.cfg.sampling.num_steps + steps
-        else:
-            extra = {"std": t.advantage_std} if t.advantage == "grpo" else {}  # options checked at config load
-            if t.advantage_unbiased_std:
-                extra["unbiased"] = True
-            adv = compute_advantages(t.advantage, rewards, group_ids, **extra).clamp(-t.advantage_clip, t.advantage_clip)
-        valid = torch.ones_like(rewards, dtype=torch.bool)
-        if t.filter_zero_std_groups:
-            valid = ~zero_variance_groups(rewards, group_ids)
-        return adv, valid
-
-    def train_epoch(self, epoch: int, traj: Trajectory, adv: torch.Tensor, valid: torch.Tensor,
-                    train_steps: Optional[torch.Tensor] = None) -> Dict[str, float]:
-        """Optimizer steps over this epoch's local samples, each trained on its steps ``train_steps
-        [n_local, k]`` (default: every trainable step); returns averaged and per-step statistics."""
-        cfg, t = self.cfg, self.cfg.train
-        if train_steps is None:
-            train_steps = torch.tensor(self.trainable_steps()).expand(len(traj), -1)
-        n_local, k = train_steps.shape
-        self._diagnostics = methods.StepDiagnostics(cfg.sampling.num_steps, self.device)
-        # non-finite (policy log-prob, KL) token counts per denoising step since the last optimizer step
-        self._nonfinite = torch.zeros(cfg.sampling.num_steps, 2, device=self.device)
-        adv, valid = adv.to(self.device), valid.to(self.device)
-        sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
-        count, grad_norms = 0, []
-        self.denoiser.train()
-        for inner in range(t.num_inner_epochs):
-            gen = torch.Generator().manual_seed(_seed(cfg.seed, epoch, inner, self.rank, 7))
-            order = torch.randperm(n_local, generator=gen)
-            if t.shuffle_steps:
-                step_idx = torch.stack([row[torch.randperm(k, generator=gen)] for row in train_steps])
-            else:
-                step_idx = train_steps
-            # equal parts; with dynamic sampling processes may hold different numbers of samples
-            for mb, ids in enumerate(tqdm(torch.tensor_split(order, t.num_minibatches), desc=f"epoch {epoch + 1} training",
-                                          disable=not self.is_main, leave=False)):
-                self.optimizer.zero_grad(set_to_none=True)
-                step_stats = self.accumulate(traj, adv, valid, ids, step_idx[ids])
-                for key, v in step_stats.items():
-                    sums[key] += v
-                count += 1
-                grad_norms.append(self._optimizer_step(epoch, step_stats.get("loss")))
-        stats = {key: (v / count).item() for key, v in sums.items()}
-        stats["grad_norm"] = torch.stack(grad_norms).mean().item()
-        stats.update(self._diagnostics.metrics(self.acc.reduce if self.world > 1 else None))
-        return stats
-
-    def accumulate(self, traj: Trajectory, adv: torch.Tensor, valid: torch.Tensor, ids: torch.Tensor,
-                   step_idx: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Accumulate the gradients of one optimizer step over samples ``ids`` (micro-batches of
-        ``train.batch_size``, every step in ``step_idx [len(ids), k]``); returns mean statistics.
-
-        The loss is normalised by the global token count of the whole optimizer step, so the
-        accumulated gradient does not depend on the micro-batch size.
-        """
-        t = self.cfg.train
-        k = step_idx.shape[1]
-        ids_dev = ids.to(self.device)
-        # a token is a (sample, step) pair of a valid sample at a stochastic step (std 0: no density, not trained)
-        stochastic = traj.stds[ids[:, None].to(traj.stds.device), step_idx.to(traj.stds.device)] > 0
-        counts = torch.stack([(valid[ids_dev, None] & stochastic.to(self.device)).sum().float(),
-                              torch.tensor(float(len(ids)), device=self.device)])
-        num_tokens, num_seqs = self.acc.reduce(counts, "sum").clamp_min(1).unbind()
-        sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
-        n_micro = 0
-        for start in range(0, len(ids), t.batch_size):
-            micro = ids[start:start + t.batch_size]
-            md = micro.to(self.device)
-            st = self._micro_step(traj.select(micro).to(self.device), adv[md], valid[md],
-                                  step_idx[start:start + t.batch_size], num_tokens, num_seqs, k)
-            for key, v in st.items():
-                sums[key] += v
-            n_micro += 1
-        out = {key: v / n_micro for key, v in sums.items()}
-        out["loss"] = sums["loss"]
-        return out
-
-    def _micro_step(self, sub: Trajectory, adv, valid, step_idx, num_tokens, num_seqs, k) -> Dict[str, torch.Tensor]:
-        """Forward + backward for every trainable step of one micro-batch (one step at a time)."""
-        t = self.cfg.train
-        # per-step backward: every sample trains k steps, so seq_mean_token_mean is 'constant' with normaliser k
-        agg = "constant" if t.aggregation == "seq_mean_token_mean" else t.aggregation
-        out_stats: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
-        for c in range(k):
-            j = step_idx[:, c].to(self.device)
-            std = gather_steps(sub.stds, j)
-            tokens = valid & (std > 0)  # a deterministic transition carries no density: no ratio, KL or RatioNorm
-            safe = torch.where(std > 0, std, torch.ones_like(std))  # masked tokens: any finite value (finite grads)
-            with self._autocast():
-                step = recompute_step(self.policy, sub, j)
-                kl = None
-                if t.kl_beta > 0:
-                    with torch.no_grad(), self._reference():
-                        ref_mean = recompute_step(self.policy, sub, j).mean
-                    kl = gaussian_kl(step.mean, ref_mean, self._kl_std(sub, j, safe), sub.reduction)[:, None]
-            old, logp = gather_steps(sub.log_probs, j), step.log_prob
-            if t.ratio_norm:
-                logp = methods.ratio_norm(logp, old, step.mean, gather_steps(sub.means, j), safe, sub.reduction)
-            if getattr(self, "_nonfinite", None) is not None:
-                self._nonfinite.index_add_(0, j, torch.stack(
-                    [~torch.isfinite(logp), ~torch.isfinite(kl[:, 0]) if kl is not None else torch.zeros_like(tokens)],
-                    1).float() * tokens[:, None])
-            weights = None
-            if t.step_weighting != "none":
-                weights = gather_steps(methods.step_weight_table(t.step_weighting, sub.sigmas, self.trainable_steps()), j)
-            loss, st = losses.policy_loss(
-                logp[:, None], old[:, None], adv, tokens[:, None], surrogate=t.surrogate, aggregation=agg,
-                eps_low=t.clip_range, eps_high=t.clip_range_high, num_tokens=num_tokens, num_seqs=num_seqs,
-                normalizer=k, kl=kl, kl_coef=t.kl_beta, weights=weights)
-            self.acc.backward(loss)
-            self._log_step_ratios(j, logp.detach() - old, adv, tokens)
-            for key, v in st.items():
-                out_stats[key] += v / k
-            out_stats["loss"] += loss.detach()
-        return out_stats
-
-    def _log_step_ratios(self, j, log_r, adv, valid) -> None:
-        """Per-step ratio and clip statistics (the surrogate's own clip definition)."""
-        if self._diagnostics is not None:
-            t = self.cfg.train
-            clipped = losses.get_surrogate(t.surrogate)(log_r[:, None], adv[:, None], log_r[:, None], eps_low=t.clip_range,
-                                                        eps_high=t.clip_range_high).clipped[:, 0]
-            self._diagnostics.add(j, log_r, adv, valid, clipped)
-
-    def _kl_std(self, sub: Trajectory, j: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-        """Std dividing the Gaussian KL: the transition std ('exact'), or for the SDE step flow_grpo's
-        diffusion coefficient sigma_t = std / sqrt(dt) (train.kl_form = 'flow_grpo': the exact KL times dt)."""
-        if self.cfg.train.kl_form == "exact" or sub.step_kind != "sde":
-            return std
-        dt = gather_steps(sub.sigmas, j) - gather_steps(sub.sigmas, j + 1)
-        return std / dt.sqrt()
-
-    def _optimizer_step(self, epoch: int = 0, loss: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Reduce, check, clip and apply the accumulated gradients; a NaN/inf gradient raises
-        :class:`NonFiniteError` before any weight changes."""
-        if self.world > 1:  # sum gradients over processes (losses are normalised by global counts)
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                p.grad = self.acc.reduce(p.grad, "sum")
-        t = self.cfg.train
-        if t.max_grad_norm > 0:
-            norm = self.acc.clip_grad_norm_(self.params, t.max_grad_norm)
-        else:
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
-        if not torch.isfinite(torch.as_tensor(norm)):  # one host sync per optimizer step; identical on every process
-            self._raise_nonfinite(epoch, norm, loss)
-        self.optimizer.step()
-        if getattr(self, "_nonfinite", None) is not None:
-            self._nonfinite.zero_()
-        self.global_step += 1
-        if self.ema is not None:
-            self.ema.step(self.global_step)
-        return torch.as_tensor(norm, device=self.device).float()
-
-    def _raise_nonfinite(self, epoch: int, norm, loss) -> None:
-        table = getattr(self, "_nonfinite", None)
-        table = self.acc.reduce(table, "sum") if table is not None and self.world > 1 else table
-        terms = []
-        if table is not None:
-            for col, name in enumerate(("policy log-prob / ratio", "KL to the reference")):
-                steps = table[:, col].nonzero().flatten().tolist()
-                if steps:
-                    terms.append(f"{name} at denoising step(s) {steps}")
-        where = "; ".join(terms) or (f"the gradient (loss {float(loss):.4g})" if loss is not None else "the gradient")
-        self.optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteError(
-            f"non-finite loss or gradient (grad norm {float(norm)}) at epoch {epoch + 1}, optimizer step "
-            f"{self.global_step + 1}: {where}. The optimizer step was skipped, so the weights are unchanged; "
-            f"{self._resume_hint()}. Check the rewards' scale, train.lr, train.kl_beta and the dtype "
-            f"(model.dtype / mixed_precision)")
-
-    def _reference(self):
-        if self.reference is not None:
-            return forward_of(self.denoiser, self.reference)
-        return adapters_disabled(self.denoiser)
-
-    def _autocast(self):
-        return self.acc.autocast() if self.cfg.mixed_precision != "no" else nullcontext()
+        """The policy-gradient objective's advantages and validity (see
+        :meth:`genalign.objectives.policy_gradient.PolicyGradient.advantages`)."""
+        return self.objective.advantages(rewards, group_ids, plan)
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -541,7 +394,7 @@ class Trainer:
         for b, start in enumerate(range(0, len(prompts), bs)):
             chunk = prompts[start:start + bs]
             gen = torch.Generator(self.device).manual_seed(_seed(seed, b))
-            with self._autocast():
+            with self.autocast():
                 traj = rollout(self.policy, self.policy.encode(chunk), chunk, num_steps, noise_level,
                                self.cfg.sampling.step_kind, generator=gen)
                 images.append(self.policy.decode(traj.final).float().cpu())
@@ -565,83 +418,53 @@ class Trainer:
             out[f"eval/{k}"] = (self.acc.reduce(v.sum().to(self.device), "sum") / count).item()
         for hook in self.eval_hooks if self.world == 1 else []:
             out.update(hook(images, mine))
-        if save_before and self.is_main:
-            from safetensors.torch import save_file
-
-            save_file({"images": images.contiguous()}, os.path.join(self.cfg.output_dir, "before_images.safetensors"))
+        if save_before:
+            self.run_dir.save_before_images(images)
         self._last_eval_images = images
         return out
 
-    # ------------------------------------------------------------------ persistence and logging
-    def _log(self, row: Dict[str, float]) -> None:
-        if self.is_main:
-            with open(self.metrics_path, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            shown = {k: round(v, 4) for k, v in row.items() if k in ("epoch", "reward/mean", "eval/reward", "ratio_mean",
-                                                                     "clip_frac", "kl", "grad_norm") or "accuracy" in k}
-            tqdm.write(f"[genalign] {shown}")
-        self.acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row.get("global_step", 0))
+    # ------------------------------------------------------------------ persistence
+    def counters(self) -> Dict:
+        from .config import to_dict
 
-    def _trainer_state(self) -> Dict:
         return {"epoch": self.epoch, "global_step": self.global_step, "samples_seen": self.samples_seen,
                 "model_calls": self.model_calls, "config": to_dict(self.cfg)}
 
-    def save(self) -> Optional[str]:
-        """Atomic checkpoint: optimizer + RNG (accelerate), trainable weights, EMA, trainer state."""
-        self.acc.wait_for_everyone()
-        if not self.is_main:
-            self.acc.wait_for_everyone()
-            return None
+    def save_weights(self, directory: str) -> None:
+        """The trainable weights into ``directory``: ``lora/`` (adapters) or ``denoiser.safetensors``."""
+        import os
 
-        def write(tmp: str) -> None:
-            from safetensors.torch import save_file
+        from safetensors.torch import save_file
 
-            self.acc.save_state(os.path.join(tmp, "accelerate"))
-            if has_lora(self.denoiser):
-                save_lora(self.policy, os.path.join(tmp, "lora"), self.cfg.model.id)
-            else:
-                save_file({n: p.detach().cpu().contiguous() for n, p in self.denoiser.named_parameters() if p.requires_grad},
-                          os.path.join(tmp, "denoiser.safetensors"))
-            if self.ema is not None:
-                state = self.ema.state_dict()
-                save_file({str(i): s.contiguous() for i, s in enumerate(state["shadow"])}, os.path.join(tmp, "ema.safetensors"))
-            with open(os.path.join(tmp, "trainer_state.json"), "w") as fh:
-                json.dump({**self._trainer_state(), "ema_updates": self.ema.num_updates if self.ema else 0}, fh)
+        if has_lora(self.denoiser):
+            save_lora(self.policy, os.path.join(directory, "lora"), self.cfg.model.id)
+        else:
+            save_file({n: p.detach().cpu().contiguous() for n, p in self.denoiser.named_parameters() if p.requires_grad},
+                      os.path.join(directory, "denoiser.safetensors"))
 
-        path = save_checkpoint(os.path.join(self.cfg.output_dir, "checkpoints"), self.global_step, write,
-                               self.cfg.checkpoint.keep_last)
-        self.acc.wait_for_everyone()
-        return path
+    def load_weights(self, directory: str) -> None:
+        """Inverse of :meth:`save_weights`."""
+        import os
 
-    def _load(self, path: str) -> None:
         from safetensors.torch import load_file
 
-        with open(os.path.join(path, "trainer_state.json")) as fh:
-            state = json.load(fh)
-        diff = _config_diff(state["config"], to_dict(self.cfg))
-        if diff:
-            raise ConfigError(f"cannot resume from {path}: the config differs in {diff} "
-                              f"(only num_epochs, eval.* and checkpoint.* may change)")
         if has_lora(self.denoiser):
             from peft.utils import set_peft_model_state_dict
 
-            set_peft_model_state_dict(self.denoiser, load_file(os.path.join(path, "lora", "adapter_model.safetensors")))
+            set_peft_model_state_dict(self.denoiser, load_file(os.path.join(directory, "lora", "adapter_model.safetensors")))
         else:
             named = dict(self.denoiser.named_parameters())
-            for n, v in load_file(os.path.join(path, "denoiser.safetensors")).items():
+            for n, v in load_file(os.path.join(directory, "denoiser.safetensors")).items():
                 named[n].data.copy_(v)
-        self.acc.load_state(os.path.join(path, "accelerate"))
-        if self.ema is not None:
-            shadow = load_file(os.path.join(path, "ema.safetensors"))
-            self.ema.load_state_dict({"shadow": [shadow[str(i)] for i in range(len(shadow))],
-                                      "num_updates": state.get("ema_updates", 0)})
-        self.epoch, self.global_step, self.samples_seen = state["epoch"], state["global_step"], state["samples_seen"]
-        self.model_calls = state.get("model_calls", 0)
-        if self.is_main:
-            _truncate_metrics(self.metrics_path, self.epoch)
+
+    def save(self) -> Optional[str]:
+        """Atomic checkpoint of every stateful part (:class:`genalign.checkpoint.Checkpointer`)."""
+        return self.checkpointer.save()
 
     def finish(self) -> Dict[str, float]:
         """Export the final weights, the reward curve and a before/after grid; return the last metrics."""
+        import os
+
         out = self.cfg.output_dir
         if self.is_main:
             if has_lora(self.denoiser):
@@ -660,28 +483,11 @@ class Trainer:
 
             plot_metrics(self.metrics_path, os.path.join(out, "reward_curve.png"))
             methods.plot_step_ratios(self.metrics_path, os.path.join(out, "step_ratios.png"))
-            self._before_after_grid()
+            if self.world == 1:
+                self.run_dir.before_after_grid(getattr(self, "_last_eval_images", None), self.cfg.eval.num_per_prompt)
         self.acc.wait_for_everyone()
         self.acc.end_training()
-        return _last_metrics(self.metrics_path) if self.is_main else {}
-
-    def _before_after_grid(self) -> None:
-        from safetensors.torch import load_file
-
-        from .plots import save_image_grid
-
-        before_path = os.path.join(self.cfg.output_dir, "before_images.safetensors")
-        after = getattr(self, "_last_eval_images", None)
-        if after is None or not os.path.isfile(before_path) or self.world > 1:
-            return
-        before = load_file(before_path)["images"]
-        if len(before) != len(after):
-            return
-        # eval images are prompt-major: show the first 8 prompts x at most 8 images each (same noise per cell)
-        per, cols = self.cfg.eval.num_per_prompt, min(8, self.cfg.eval.num_per_prompt)
-        keep = torch.tensor([p * per + c for p in range(min(8, len(after) // per)) for c in range(cols)])
-        save_image_grid([before[keep], after[keep]], os.path.join(self.cfg.output_dir, "before_after.png"),
-                        columns=cols, titles=["before", "after"])
+        return self.run_dir.last_metrics() if self.is_main else {}
 
 
 # ---------------------------------------------------------------------- helpers
@@ -696,52 +502,9 @@ def _policy_modules(policy) -> List[torch.nn.Module]:
     return mods
 
 
-def _tracker_available(name: str) -> bool:
-    import importlib.util
-
-    module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(name, name)
-    return importlib.util.find_spec(module) is not None
-
-
-def _flat(d: Dict, prefix: str = "") -> Dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
-
-
-def _config_diff(old: Dict, new: Dict) -> List[str]:
-    free = ("num_epochs", "eval.", "checkpoint.", "output_dir", "log_with")
-    a, b = _flat(old), _flat(new)
-    keys = sorted(set(a) | set(b))
-    return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(free)]
-
-
-def _truncate_metrics(path: str, epoch: int) -> None:
-    """Drop metric rows written after the checkpoint we resume from (they will be recomputed)."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as fh:
-        rows = [line for line in fh if line.strip() and json.loads(line).get("epoch", 0) <= epoch]
-    with open(path, "w") as fh:
-        fh.writelines(rows)
-
-
-def _last_metrics(path: str) -> Dict[str, float]:
-    merged: Dict[str, float] = {}
-    if os.path.isfile(path):
-        with open(path) as fh:
-            for line in fh:
-                merged.update(json.loads(line))
-    return merged
-
-
 def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, float]:
     """Build a :class:`Trainer` and run it."""
     return Trainer(cfg, resume=resume).train()
 
 
-__all__ = ["Trainer", "train"]
+__all__ = ["NonFiniteError", "Trainer", "objective_name", "train"]

@@ -90,7 +90,9 @@ class DiffusersPolicy:
     """Base adapter around a diffusers pipeline (see :class:`genalign.policy.Policy`).
 
     Subclass attributes: ``kind``, ``default_guidance_scale``, ``default_lora_targets``,
-    ``pipeline_class_name`` (diffusers class used by :meth:`from_pretrained`), ``denoiser_name`` (``"transformer"`` / ``"unet"``)
+    ``pipeline_class_name`` (diffusers class used by :meth:`from_pretrained`), ``pipeline_classes`` (the
+    ``model_index.json`` ``_class_name`` values the adapter loads, read by :func:`genalign.plugins.policy_class`),
+    ``denoiser_name`` (``"transformer"`` / ``"unet"``)
     and ``resolution_multiple_extra`` (pixel alignment beyond the VAE factor, e.g. the patch size).
     """
 
@@ -98,6 +100,7 @@ class DiffusersPolicy:
     default_guidance_scale: float = 1.0
     default_lora_targets: Tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     pipeline_class_name: str = "DiffusionPipeline"
+    pipeline_classes: Tuple[str, ...] = ()
     denoiser_name: str = "transformer"
     resolution_multiple_extra: int = 1
 

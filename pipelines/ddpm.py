@@ -29,6 +29,7 @@ class DDPMPolicy(DiffusersPolicy):
     default_guidance_scale = 7.5
     denoiser_name = "unet"
     pipeline_class_name = "DiffusionPipeline"
+    pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
     def __init__(self, pipe, guidance_scale: Optional[float] = None, device=None, dtype: Optional[torch.dtype] = None,
                  height: Optional[int] = None, width: Optional[int] = None):

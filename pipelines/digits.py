@@ -1,6 +1,6 @@
 """The embedded default model: a tiny text-to-digit flow-matching generator on 8x8 pixels.
 
-Design (see ``genalign.digits`` for how the assets are trained):
+Design (see ``genalign.pipelines.digits_pretrain`` for how the assets are trained):
 
 * Denoiser: a real diffusers ``SD3Transformer2DModel`` (MMDiT, PeftAdapterMixin) working directly in
   pixel space: ``in_channels=1``, sample 8x8, ``patch_size=4`` (4 image tokens), 3 joint blocks of
@@ -57,6 +57,17 @@ LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_
 def split_words(prompt: str) -> List[str]:
     """Lower-cased word tokens of ``prompt`` (runs of ``[a-z0-9]``; punctuation is dropped)."""
     return _WORD_RE.findall(prompt.lower())
+
+
+def prompt_digit(prompt: str) -> int:
+    """The digit a prompt asks for: its single digit word or numeral ("a handwritten seven" -> 7)."""
+    found = {DIGIT_WORDS.index(w) if w in DIGIT_WORDS else int(w)
+             for w in split_words(prompt) if w in DIGIT_WORDS or (len(w) == 1 and w.isdigit())}
+    if len(found) != 1:
+        what = "no digit" if not found else f"several digits {sorted(found)}"
+        raise ValueError(f"prompt {prompt!r} names {what}; a digits prompt names exactly one digit 0-9 "
+                         f"(as a word like 'seven' or a numeral like '7')")
+    return found.pop()
 
 
 def resolve_digits_dir(path_or_name: Optional[str] = None, required: Sequence[str] = (POLICY_CONFIG,)) -> str:
@@ -182,6 +193,12 @@ class DigitsPolicy:
 
     # ---------------------------------------------------------------- loading / saving
     @classmethod
+    def handles(cls, path_or_id) -> bool:
+        """Whether this adapter loads ``path_or_id``: ``"digits"`` or a directory holding ``policy.json``
+        (asked by :func:`genalign.plugins.policy_class`)."""
+        return str(path_or_id) == DEFAULT_NAME or os.path.isfile(os.path.join(str(path_or_id), POLICY_CONFIG))
+
+    @classmethod
     def from_pretrained(cls, path_or_name: Optional[str] = DEFAULT_NAME, device=None, dtype=None,
                         guidance_scale: Optional[float] = None) -> "DigitsPolicy":
         """Load from an asset directory; ``"digits"`` (default) is the copy installed with genalign.
@@ -284,4 +301,4 @@ def load_digits_policy(path_or_name: Optional[str] = DEFAULT_NAME, **kwargs) -> 
 
 
 __all__ = ["DigitsPolicy", "PromptEncoder", "build_transformer", "resolve_digits_dir",
-                              "split_words", "DIGIT_WORDS", "LORA_TARGET_MODULES"]
+                              "prompt_digit", "split_words", "DIGIT_WORDS", "LORA_TARGET_MODULES"]

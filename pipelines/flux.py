@@ -53,6 +53,7 @@ class FluxPolicy(DiffusersPolicy):
     default_lora_targets = FLUX_LORA_TARGETS
     denoiser_name = "transformer"
     pipeline_class_name = "FluxPipeline"
+    pipeline_classes = ("FluxPipeline",)
     resolution_multiple_extra = 2
     max_sequence_length = 512
 

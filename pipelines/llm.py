@@ -26,6 +26,7 @@ import torch
 
 from genalign import losses
 from genalign.advantages import compute_advantages, zero_variance_groups
+from genalign.optim import OptimizerStep
 from genalign.policy import resolve_device, resolve_pretrained
 
 
@@ -50,6 +51,24 @@ class CausalLMPolicy:
             raise ValueError("the tokenizer needs an eos token")
         self.device = resolve_device(device) if device is None or isinstance(device, str) else device
         self.model.to(self.device)
+
+    @classmethod
+    def handles(cls, path_or_id) -> bool:
+        """Whether ``path_or_id`` is a local ``transformers`` causal-LM directory (a ``config.json`` whose
+        ``architectures`` end in ``ForCausalLM``, no diffusers ``model_index.json``); asked by
+        :func:`genalign.plugins.policy_class`."""
+        import json
+        import os
+
+        config = os.path.join(str(path_or_id), "config.json")
+        if not os.path.isfile(config) or os.path.isfile(os.path.join(str(path_or_id), "model_index.json")):
+            return False
+        try:
+            with open(config) as fh:
+                architectures = json.load(fh).get("architectures") or []
+        except (OSError, ValueError, AttributeError):
+            return False
+        return any(str(a).endswith("ForCausalLM") for a in architectures)
 
     @classmethod
     def from_pretrained(cls, model_id: str, device: Optional[str] = None, **model_kwargs) -> "CausalLMPolicy":
@@ -299,14 +318,17 @@ def grpo_step(
     rewards: torch.Tensor,
     group_ids: torch.Tensor,
     config: Union[GRPOStepConfig, Mapping[str, Any], None] = None,
+    step: Optional[OptimizerStep] = None,
 ) -> Dict[str, float]:
     """One GRPO optimizer step on a generated batch -> stats (python floats, averaged over micro-batches).
 
     batch: output of :meth:`CausalLMPolicy.generate` (or :func:`dynamic_sample`), optionally with ``old_logp``
     ``[B, T]`` (log-probs at sampling time; absent -> recomputed now, i.e. ratio 1) and ``ref_logp`` ``[B, T]``
     (for the KL term). rewards ``[B]``; group_ids ``[B]``. Advantages, loss mask and global counts from
-    :func:`grpo_prepare`, loss per micro-batch from :func:`grpo_loss`, then grad-norm clipping and
-    ``optimizer.step()``. Stats include ``zero_std_frac`` (fraction of samples in zero-variance groups).
+    :func:`grpo_prepare`, loss per micro-batch from :func:`grpo_loss`, then the project's one optimizer step
+    (:class:`genalign.optim.OptimizerStep`: clipping, the non-finite check, ``optimizer.step()``). Pass ``step``
+    (an ``OptimizerStep`` built with an accelerator, ``distributed=True``) to train under DDP / FSDP / DeepSpeed
+    with the loss normalised by global counts; by default the step is local to this process. Stats include ``zero_std_frac`` (fraction of samples in zero-variance groups).
     """
     config = _as_config(config)
     device = policy.device
@@ -326,23 +348,28 @@ def grpo_step(
     B = input_ids.shape[0]
     mb = config.micro_batch_size or B
     policy.model.train()
-    optimizer.zero_grad(set_to_none=True)
-    totals: Dict[str, torch.Tensor] = {}
-    n_micro = 0
-    for s in range(0, B, mb):
-        sl = slice(s, s + mb)
-        logp, entropy = policy.token_logprobs(input_ids[sl], attn[sl], response_mask[sl], config.temperature)
-        loss, stats = grpo_loss(logp, old_logp[sl].to(device), adv[sl], mask[sl], prep.counts, config,
-                                ref_logp=None if ref_logp is None else ref_logp[sl].to(device), entropy=entropy)
-        loss.backward()
-        stats["loss"] = loss.detach()
-        stats["entropy"] = losses.masked_mean(entropy.detach(), response_mask[sl])
-        for k, v in stats.items():
-            totals[k] = totals.get(k, 0.0) + v
-        n_micro += 1
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), config.max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if step is None:
+        step = OptimizerStep(None, policy.model, optimizer, max_grad_norm=config.max_grad_norm, distributed=False)
+
+    def backward(sl: slice):
+        def run(sync: bool) -> Dict[str, torch.Tensor]:
+            logp, entropy = policy.token_logprobs(input_ids[sl], attn[sl], response_mask[sl], config.temperature)
+            loss, stats = grpo_loss(logp, old_logp[sl].to(device), adv[sl], mask[sl], prep.counts, config,
+                                    ref_logp=None if ref_logp is None else ref_logp[sl].to(device), entropy=entropy)
+            step.backward(loss, sync)
+            stats["loss"] = loss.detach()
+            stats["entropy"] = losses.masked_mean(entropy.detach(), response_mask[sl])
+            return stats
+        return run
+
+    if step.distributed and step.acc.num_processes > 1:  # global counts (each process holds whole groups)
+        c = prep.counts
+        total = step.acc.reduce(torch.stack([torch.as_tensor(c["num_tokens"], device=device).float(),
+                                             torch.tensor(float(c["num_seqs"]), device=device)]), "sum")
+        c["num_tokens"], c["num_seqs"] = total[0].clamp_min(1), total[1].clamp_min(1)
+    slices = [slice(s, s + mb) for s in range(0, B, mb)]
+    totals, grad_norm = step.run([backward(sl) for sl in slices], where=" in grpo_step: ")
+    n_micro = len(slices)
     out = {k: float(v) / n_micro for k, v in totals.items()}
     out["loss"] = out["loss"] * n_micro  # micro-batch losses sum to the full-batch loss
     out.update(grad_norm=float(grad_norm), reward_mean=float(rewards.mean()), adv_abs_mean=float(adv.abs().mean()),

@@ -30,6 +30,7 @@ class SD3Policy(DiffusersPolicy):
     default_lora_targets = SD3_LORA_TARGETS
     denoiser_name = "transformer"
     pipeline_class_name = "StableDiffusion3Pipeline"
+    pipeline_classes = ("StableDiffusion3Pipeline",)
     max_sequence_length = 256
 
     def __init__(self, pipe, guidance_scale: Optional[float] = None, device=None, dtype: Optional[torch.dtype] = None,

@@ -161,7 +161,7 @@ class ModelReward:
     """Base of the built-in reward models: a frozen module on ``device``, called in chunks of ``batch_size``.
 
     Subclasses set ``self.model`` (frozen by :meth:`freeze`) and implement ``__call__``. The ``device`` and
-    ``batch_size`` attributes are the hints :func:`genalign.rewards.base.score_reward` honours.
+    ``batch_size`` attributes are the hints :func:`genalign.reward_api.score_reward` honours.
     """
 
     name = "model_reward"

@@ -18,7 +18,8 @@ Training (hinge; references positive, generations negative)::
     L_D   = cls + patch_weight * patch          (patch_weight 0.3; Adam lr 1e-4, betas (0.5, 0.999))
 
 Reward: ``(1 - patch_weight) * h(cls) + patch_weight * mean_j h(patch_j)`` over all patches
-(0.7 / 0.3). The trainer runs :func:`discriminator_round` before each generator round and checkpoints
+(0.7 / 0.3). The trainer runs :func:`genalign.reward_api.discriminator_round` (re-exported here) before
+each generator round and checkpoints
 the head and its optimizer (:meth:`AdversarialReward.state_dict`).
 
 References: one shared set (a directory, image paths or a tensor; each step draws its positives from all
@@ -36,16 +37,16 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genalign.optim import OptimizerStep
+from genalign.reward_api import ADVERSARIAL_RULES as RULES, TrainableReward, discriminator_round  # noqa: F401
+
 from .distributional import build_encoder, load_references
-
-RULES = ("fixed", "while_behind")
-
 
 def _head(dim: int, hidden: int) -> nn.Module:
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
@@ -115,7 +116,7 @@ def prompt_references(references, root: Optional[str] = None) -> Optional[Prompt
     return out
 
 
-class AdversarialReward:
+class AdversarialReward(TrainableReward):
     """The Adv-GRPO reward model. ``references``: real images, one shared set (see ``load_references``) or
     per prompt (see :func:`prompt_references`; ``reference_root`` resolves their relative file names);
     ``encoder``: ``"dino"`` / ``"digits"`` / an object with ``cls_and_patches``; ``encoder_options`` go to it.
@@ -141,6 +142,7 @@ class AdversarialReward:
         torch.manual_seed(seed)
         self.head = Discriminator(self.ref_cls.shape[-1], self.ref_patches.shape[-1], hidden).to(self.device)
         self.optimizer = torch.optim.Adam(self.head.parameters(), lr=lr, betas=tuple(betas))
+        self.update = OptimizerStep(None, self.head, self.optimizer, max_grad_norm=0.0, distributed=False)
         self.patch_weight, self.num_patches = patch_weight, num_patches
 
     def _encode_references(self, references, what: str, min_count: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -214,9 +216,9 @@ class AdversarialReward:
         h_ref, hp_ref = self.head(ref_cls, self._some_patches(ref_patches, generator))
         h_gen, hp_gen = self.head(gen_cls, self._some_patches(gen_patches, generator))
         loss = _hinge(h_ref, h_gen) + self.patch_weight * _hinge(hp_ref, hp_gen)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.update.zero_grad()
+        self.update.backward(loss)
+        self.update.step(" in the Adv-GRPO discriminator step: ")
         self.head.eval()
         return {"disc/d_loss": loss.item(), "disc/h_ref": h_ref.mean().item(), "disc/h_gen": h_gen.mean().item()}
 
@@ -227,31 +229,6 @@ class AdversarialReward:
     def load_state_dict(self, state: dict) -> None:
         self.head.load_state_dict(state["head"])
         self.optimizer.load_state_dict(state["optimizer"])
-
-
-def discriminator_round(adversary: AdversarialReward, sample: Callable[[int], object], steps: int,
-                        rule: str = "fixed", seed: int = 0) -> Dict[str, float]:
-    """Train the discriminator between generator rounds; ``sample(k)`` -> fresh generated images for step k,
-    or ``(images, prompts)`` (needed with per-prompt references).
-
-    ``rule="fixed"``: ``steps`` steps. ``"while_behind"``: at most ``steps``, each only while the generated
-    images still outscore the references (mean reward), the PickScore variant's rule.
-    """
-    if rule not in RULES:
-        raise ValueError(f"adversarial rule must be one of {RULES}, got {rule!r}")
-    gen = torch.Generator().manual_seed(seed)
-    stats: Dict[str, float] = {}
-    done = 0
-    for k in range(steps):
-        drawn = sample(k)
-        images, prompts = drawn if isinstance(drawn, tuple) else (drawn, None)
-        if rule == "while_behind":
-            r_gen, r_ref = adversary.mean_scores(images, gen, prompts)
-            if r_ref > r_gen:
-                break
-        stats = adversary.discriminator_step(images, gen, prompts)
-        done += 1
-    return {**stats, "disc/d_steps": float(done)}
 
 
 __all__ = ["AdversarialReward", "Discriminator", "RULES", "discriminator_round", "prompt_references"]

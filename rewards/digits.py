@@ -1,11 +1,12 @@
 """Digit-classifier reward for the embedded digits model.
 
-``DigitClassifier`` is a small CNN trained on scikit-learn's 8x8 digits (``genalign.digits.pretrain``).
+``DigitClassifier`` is a small CNN trained on scikit-learn's 8x8 digits
+(``genalign.pipelines.digits_pretrain.pretrain``).
 Its native input is ``[N, 1, 8, 8]`` in ``[-1, 1]``; :meth:`DigitClassifier.prepare` converts reward
 inputs (``[N, 3, H, W]`` in ``[0, 1]``: channel mean, area-resize to 8x8 when needed, rescale).
 
 The reward ``digit_correct`` is the classifier's probability of the digit the prompt asks for
-(``genalign.digits.prompt_digit``), in ``[0, 1]``.
+(``genalign.pipelines.digits.prompt_digit``), in ``[0, 1]``.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class DigitCorrectReward:
     def __call__(self, images: torch.Tensor, prompts: List[str], metadata=None) -> torch.Tensor:
         """``images [N, 3, H, W]`` in ``[0, 1]`` -> ``{"score": [N] probability of each prompt's digit,
         "accuracy": [N] 1.0 where the classifier's argmax is the prompted digit}`` (the score is the reward)."""
-        from genalign.digits import prompt_digit
+        from genalign.pipelines.digits import prompt_digit
 
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")

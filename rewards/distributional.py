@@ -10,7 +10,7 @@ References: a directory of images, a list of image paths, a tensor ``[M, 3|1, H,
 list of texts (cross-modal encoders only). Empty, mis-shaped or wrong-modality sets raise ``ValueError``.
 Reference features are cached on disk (``cache_dir``; key = encoder fingerprint + content hash).
 
-Rewards (registered in ``genalign.rewards``):
+Rewards (``genalign.rewards`` entry points, see :mod:`genalign.rewards.builtins`):
 
 - ``exemplar_similarity`` (instance-to-distribution): cosine to the exemplar centroid, or the mean
   cosine to the ``k`` nearest exemplars.
@@ -20,17 +20,19 @@ Rewards (registered in ``genalign.rewards``):
   references / its Vendi diversity, turned into per-sample leave-one-out contributions
   ``r(S) - r(S \\ x_i)``; the set statistic itself is reported as a sub-score (``fd`` / ``vendi``).
   They expose ``encode`` and ``set_score(features)`` so DRAGON can build D+ greedily
-  (:func:`greedy_split`).
+  (:func:`genalign.reward_api.greedy_split`, re-exported here with :func:`leave_one_out`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+
+from genalign.reward_api import SetScore, greedy_split, leave_one_out  # noqa: F401 - re-exported
 
 from .dino import DINO_MODEL, IMAGE_SUFFIXES, load_reference_images
 
@@ -77,47 +79,6 @@ def vendi_score(embeddings: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- set -> per-sample
-
-SetScore = Callable[[torch.Tensor], float]
-
-
-def leave_one_out(set_score: SetScore, features: torch.Tensor) -> torch.Tensor:
-    """Per-sample contributions ``r(S) - r(S \\ x_i)`` of a set reward ``set_score([n, D]) -> float`` -> ``[N]``."""
-    full = float(set_score(features))
-    keep = ~torch.eye(len(features), dtype=torch.bool)
-    return torch.tensor([full - float(set_score(features[keep[i]])) for i in range(len(features))])
-
-
-def greedy_split(set_score: SetScore, features: torch.Tensor, num_pos: Optional[int] = None,
-                 init: Optional[torch.Tensor] = None, max_swaps: int = 100) -> torch.Tensor:
-    """D+ as a bool mask ``[N]``: start from ``init`` (default: the top ``num_pos`` = N // 2 leave-one-out
-    contributions) and swap a (D+, D-) pair whenever that raises ``set_score(features[D+])``; stop when no
-    swap improves (a local optimum) or after ``max_swaps`` swaps."""
-    n = len(features)
-    if init is None:
-        num_pos = n // 2 if num_pos is None else num_pos
-        if not 0 < num_pos < n:
-            raise ValueError(f"num_pos must be in [1, {n - 1}], got {num_pos}")
-        init = torch.zeros(n, dtype=torch.bool)
-        init[leave_one_out(set_score, features).argsort(descending=True)[:num_pos]] = True
-    pos = init.clone().bool()
-    best = float(set_score(features[pos]))
-    for _ in range(max_swaps):
-        improved = False
-        for i in pos.nonzero().flatten().tolist():
-            for j in (~pos).nonzero().flatten().tolist():
-                trial = pos.clone()
-                trial[i], trial[j] = False, True
-                value = float(set_score(features[trial]))
-                if value > best:
-                    pos, best, improved = trial, value, True
-                    break
-            if improved:
-                break
-        if not improved:
-            break
-    return pos
-
 
 # ---------------------------------------------------------------------- encoders
 

@@ -28,8 +28,9 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
+from genalign.reward_api import RewardError
+
 from ._common import to_uint8_images
-from .base import RewardError
 
 MAX_ERROR_CHARS = 500
 

@@ -19,7 +19,8 @@ import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, Optional, Sequence, Union
 
-from .base import RewardError, RewardFn, load_reward, score_reward
+from genalign.reward_api import RewardError, RewardFn, load_reward, score_reward
+
 from .remote import decode_images
 
 MAX_REQUEST_BYTES = 512 * 1024 * 1024

@@ -102,9 +102,9 @@ def _train(trainer, out: str) -> int:
     counts, sample = [], trainer.dynamic_sample_epoch
 
     def recording(epoch, plan):
-        result = sample(epoch, plan)
-        counts.append(len(result[0]))
-        return result
+        batch, stats = sample(epoch, plan)
+        counts.append([int((batch.local >= 0).sum()), len(batch.traj)])  # kept rows, rows incl. padding
+        return batch, stats
 
     trainer.dynamic_sample_epoch = recording
     metrics = trainer.train()
@@ -140,8 +140,8 @@ def main(argv=None) -> int:
     ids = torch.arange(len(traj))
     steps = torch.tensor(trainer.trainable_steps()).expand(len(traj), -1)
     trainer.optimizer.zero_grad(set_to_none=True)
-    stats = trainer.accumulate(traj, adv[local], valid[local], ids, steps)
-    grad_norm = trainer._optimizer_step()
+    stats = trainer.accumulate(trainer.objective.units_for(traj, adv[local], valid[local], steps), ids)
+    grad_norm = trainer.optim.step()
 
     eval_reward = _evaluate(trainer, args.simulate_world) if trainer.eval_prompts else None
 
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     final = acc.gather(traj.final.contiguous().to(device)).cpu()
     w1 = {n: p.detach().clone().cpu() for n, p in trainer.denoiser.named_parameters() if p.requires_grad}
     grads = {n: p.grad.detach().clone().cpu() for n, p in trainer.denoiser.named_parameters()
-             if p.requires_grad and p.grad is not None}  # summed over ranks by _optimizer_step (then clipped)
+             if p.requires_grad and p.grad is not None}  # summed over ranks (DDP mean x world), then clipped
     flat = torch.cat([v.flatten() for v in w1.values()]).to(device)
     all_flat = acc.gather(flat[None]).cpu()  # [world, P]
     ranks_agree = bool(all(torch.equal(all_flat[0], row) for row in all_flat))

@@ -82,15 +82,19 @@ def test_console_script_help_runs():
     assert out.returncode == 0 and "train" in out.stdout and "sample" in out.stdout
 
 
-def test_module_cli_runs_from_a_source_checkout_without_the_install_mapping(tmp_path):
-    """`python -m genalign.cli` in the repository root finds genalign.pipelines/rewards/assets in the checkout,
-    whether genalign is installed editable, installed normally (shadowed by ./genalign) or not at all."""
+def test_module_cli_runs_from_the_checkout_and_elsewhere(tmp_path):
+    """With the package installed (``pip install -e .``), ``python -m genalign.cli`` works in the repository root
+    (where ./genalign shadows nothing: it is the installed code) and in any other directory, and
+    genalign.pipelines / rewards / assets are the checkout's top-level folders, with no search-path edit."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__name__.lower() "
-            "and 'editable' not in getattr(f, '__name__', '').lower()]; "
-            "import genalign.pipelines, genalign.rewards, genalign.assets; print(genalign.pipelines.__file__)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == str(root / "pipelines" / "__init__.py")
+    code = ("import genalign, genalign.pipelines, genalign.rewards, genalign.assets; "
+            "print(len(genalign.__path__), genalign.pipelines.__file__)")
+    for cwd in (root, tmp_path):
+        out = subprocess.run([sys.executable, "-m", "genalign.cli", "--help"], cwd=cwd, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0 and "pretrain-digits" in out.stdout, out.stderr
+        out = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["1", str(root / "pipelines" / "__init__.py")]

@@ -26,7 +26,7 @@ def perturb_lora(trainer, scale=0.05, seed=0):
 
 def one_step_stats(trainer, traj, adv, valid, steps):
     trainer.optimizer.zero_grad(set_to_none=True)
-    stats = trainer.accumulate(traj, adv, valid, torch.arange(len(traj)), steps)
+    stats = trainer.accumulate(trainer.objective.units_for(traj, adv, valid, steps), torch.arange(len(traj)))
     return stats, [p.grad.clone() for p in trainer.params]
 
 
@@ -125,7 +125,8 @@ def test_dynamic_sampling_refills_groups_with_variance(sd3_dir, tmp_path, prompt
                            **{"train.dynamic_sampling": "true", "sampling.groups_per_epoch": 2,
                               "train.dynamic_sampling_max_rounds": 8})
     plan = trainer.plan(0)
-    traj, rewards, parts, group_ids, local, plan, stats = trainer.dynamic_sample_epoch(0, plan)
+    batch, stats = trainer.dynamic_sample_epoch(0, plan)
+    traj, rewards, group_ids, local, plan = batch.traj, batch.rewards, batch.group_ids, batch.local, batch.plan
     assert stats["dynamic/groups_kept"] == 2 and len(rewards) == 8 and len(group_ids.unique()) == 2
     assert all(p != "a cat" for p in traj.prompts)
     for g in group_ids.unique():
@@ -152,7 +153,7 @@ def test_dynamic_sampling_is_refused_with_branching_and_dragon():
     with pytest.raises(ConfigError, match="dynamic_sampling"):
         load_config("configs/digits.yaml", ["train.dynamic_sampling=true", "method=tempflow_grpo"]).validate()
     with pytest.raises(ConfigError, match="dynamic_sampling"):
-        load_config("configs/digits.yaml", ["train.dynamic_sampling=true", "train.mode=dragon"]).validate()
+        load_config("configs/digits.yaml", ["train.dynamic_sampling=true", "method=dragon"]).validate()
 
 
 # --------------------------------------------------------------------------- advantages

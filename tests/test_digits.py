@@ -7,11 +7,12 @@ import time
 import pytest
 import torch
 
-from genalign.digits import load_split, prompt_accuracy, prompt_digit, sample_images
 from genalign.pipelines.digits import DigitsPolicy, resolve_digits_dir
+from genalign.pipelines.digits_pretrain import load_split, prompt_accuracy, prompt_digit
 from genalign.policy import ModelNotAvailableError, Policy
 from genalign.rewards.digits import DigitClassifier, DigitCorrectReward, digit_correct
 from genalign.rollout import recompute_log_probs, rollout
+from genalign.sampling import expand_jobs, sample_images
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,18 @@ def test_base_prompt_accuracy_leaves_headroom(policy, classifier, assets):
     assert confidence > 0.8  # samples still look like digits to the classifier
     with open(os.path.join(assets, "metrics.json")) as f:
         assert 0.4 <= json.load(f)["base_prompt_accuracy"] <= 0.8
+
+
+def test_metrics_json_base_accuracy_reproduces_with_the_sampling_service(policy, classifier, assets):
+    """metrics.json's base accuracy is measured with genalign.sampling (image i seeded seed + i): recomputing it
+    with its recorded settings gives it back (up to a few argmax flips from another CPU's float round-off)."""
+    with open(os.path.join(assets, "metrics.json")) as f:
+        metrics = json.load(f)
+    s = metrics["base_prompt_accuracy_settings"]
+    acc = prompt_accuracy(policy, classifier, _prompts(assets, s["prompts"]), s["num_per_prompt"], seed=s["seed"],
+                          num_steps=s["num_steps"])
+    assert s["guidance_scale"] == policy.guidance_scale
+    assert abs(acc - metrics["base_prompt_accuracy"]) <= 0.002, (acc, metrics["base_prompt_accuracy"])
 
 
 def test_prompt_files_are_disjoint_and_encodable(policy, assets):
@@ -94,7 +107,7 @@ def test_policy_contract(policy):
 def test_sampling_is_fast(policy):
     prompts = [f"the digit {d}" for d in range(10)]
     start = time.perf_counter()
-    images = sample_images(policy, prompts, num_per_prompt=16, seed=0)
+    images = sample_images(policy, *expand_jobs(prompts, 16, 0), batch_size=1024)
     assert images.shape == (160, 3, 8, 8)
     assert time.perf_counter() - start < 5.0
 

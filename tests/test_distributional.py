@@ -38,7 +38,7 @@ def dino_dir(tmp_path_factory):
 
 
 def digit_images(n: int = 40, offset: int = 0) -> torch.Tensor:
-    from genalign.digits import load_split
+    from genalign.pipelines.digits_pretrain import load_split
 
     x = load_split()[2][offset:offset + n]
     return ((x + 1) / 2).expand(-1, 3, -1, -1)

@@ -1,4 +1,4 @@
-"""DRAGON mode and Adv-GRPO: splits and pairs, the discriminator, and 1-epoch tiny SD3 runs of both modes."""
+"""DRAGON and Adv-GRPO: splits and pairs, the discriminator, and 1-epoch tiny SD3 runs of both methods."""
 
 import json
 
@@ -36,7 +36,7 @@ def test_discriminator_separates_real_digits_from_noise_and_round_trips_state():
 
 
 def _digits(label: int, n: int, held_out: bool = False) -> torch.Tensor:
-    from genalign.digits import load_split
+    from genalign.pipelines.digits_pretrain import load_split
 
     x_tr, y_tr, x_te, y_te = load_split()
     x, y = (x_te, y_te) if held_out else (x_tr, y_tr)
@@ -127,8 +127,8 @@ def make_trainer(model_dir, out_dir, prompts, reward: str, resume=None, **extra)
     {"dragon.loss": "kto", "dragon.pairing": "unpaired", "dragon.criterion": "set", "dragon.set_split": "greedy",
      "reward": "vendi"},
 ])
-def test_dragon_mode_one_epoch(sd3_dir, tmp_path, prompts_file, extra):
-    extra = {"train.mode": "dragon", "dragon.beta": 10.0, **extra}
+def test_dragon_method_one_epoch(sd3_dir, tmp_path, prompts_file, extra):
+    extra = {"method": "dragon", "dragon.beta": 10.0, **extra}
     reward = extra.pop("reward")
     extra[f"reward_options.{reward}.encoder"] = "dino"
     extra[f"reward_options.{reward}.encoder_options.model"] = tiny_dino_dir(tmp_path / "dino")
@@ -142,7 +142,7 @@ def test_dragon_mode_one_epoch(sd3_dir, tmp_path, prompts_file, extra):
 
 
 def test_adversarial_one_epoch_with_tiny_dino_checkpoints_the_discriminator(sd3_dir, tmp_path, prompts_file):
-    extra = {"reward_options.adversarial.references": _reference_dir(tmp_path / "refs"),
+    extra = {"method": "adv_grpo", "reward_options.adversarial.references": _reference_dir(tmp_path / "refs"),
              "reward_options.adversarial.encoder": "dino", "reward_options.adversarial.hidden": 16,
              "reward_options.adversarial.encoder_options.model": tiny_dino_dir(tmp_path / "dino"),
              "adversarial.steps": 2, "adversarial.num_samples": 2}

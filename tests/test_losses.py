@@ -464,12 +464,15 @@ def test_dragon_kto_reference_config_and_wiring(monkeypatch):
     real = L.diffusion_kto_loss
     monkeypatch.setattr(L, "diffusion_kto_loss", lambda *a, **k: seen.append(k) or real(*a, **k))
     dragon_cfg = SimpleNamespace(beta=2.0, loss="kto", kto_reference="sigmoid")
-    trainer = SimpleNamespace(cfg=SimpleNamespace(dragon=dragon_cfg),
-                              device=torch.device("cpu"), policy=policy, _autocast=contextlib.nullcontext,
-                              _reference=reference, acc=SimpleNamespace(backward=lambda loss: loss.backward()))
+    from genalign.objectives.dragon import Dragon, DragonUnits
+
+    ctx = SimpleNamespace(cfg=SimpleNamespace(dragon=dragon_cfg), device=torch.device("cpu"), policy=policy,
+                          autocast=contextlib.nullcontext, reference=reference)
     g = torch.Generator().manual_seed(0)
     traj = Traj(final=torch.randn(4, 3, generator=g), timesteps=torch.rand(4, 2, generator=g),
                 sigmas=torch.rand(4, 2, generator=g), num_steps=2, cond=None)
     labels, local = torch.tensor([1, -1, 1, -1]), torch.arange(4)
-    stats = dragon._micro_loss(trainer, traj, torch.arange(4)[:, None], labels, local, torch.tensor(4.0), seed=3)
+    units = DragonUnits(traj, torch.arange(4)[:, None], labels, local)
+    loss, stats = Dragon(ctx).unit_loss(units, torch.arange(4)[:, None], torch.tensor(4.0), seed=3)
+    loss.backward()
     assert seen and seen[0]["reference"] == "sigmoid" and "dragon/kto_z" in stats and w.grad is not None

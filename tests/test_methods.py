@@ -1,4 +1,5 @@
-"""Timestep-aware strategies: TempFlow branching and weights, GRPO-Guard RatioNorm, SDE windows, presets."""
+"""Timestep-aware strategies: TempFlow branching and weights, GRPO-Guard RatioNorm, SDE windows, method defaults
+(the method specs themselves: tests/test_method_specs.py)."""
 
 import json
 
@@ -108,8 +109,9 @@ def test_released_noise_aware_weights_on_sd3_schedule():
 
 
 def _plan(epoch, rank, world=2, **window):
-    cfg = load_config(None, [f"sampling.window={window}", "sampling.num_steps=10", "sampling.noise_level=1.0",
-                             "sampling.last_step_deterministic=true"])
+    method = {"fast": "flow_grpo_fast", "mixgrpo": "mixgrpo"}[window["kind"]]
+    cfg = load_config(None, [f"method={method}", f"sampling.window={window}", "sampling.num_steps=10",
+                             "sampling.noise_level=1.0", "sampling.last_step_deterministic=true"])
     _, group_ids, _ = KRepeatSampler(20, 8, 4, seed=3, world_size=world, rank=rank).epoch(epoch)
     return methods.plan_epoch(cfg, epoch, group_ids, torch.ones(10)), group_ids
 
@@ -184,19 +186,21 @@ def test_method_config_validation():
     with pytest.raises(ConfigError, match="sampling.group_size"):
         load_config(None, ["method=tempflow_grpo", "sampling.group_size=12"]).validate()
     with pytest.raises(ConfigError, match="sampling.window.size"):
-        load_config(None, ["sampling.window={kind: fast, size: 20}"]).validate()
+        load_config(None, ["method=flow_grpo_fast", "sampling.window={kind: fast, size: 20}"]).validate()
     with pytest.raises(ConfigError, match="sampling.window.schedule"):
-        load_config(None, ["sampling.window={kind: mixgrpo, schedule: clip}"]).validate()
+        load_config(None, ["method=mixgrpo", "sampling.window={kind: mixgrpo, schedule: clip}"]).validate()
     with pytest.raises(ConfigError, match="sampling.window.stride"):
-        load_config(None, ["sampling.window={kind: mixgrpo, stride: -1}"]).validate()
+        load_config(None, ["method=mixgrpo", "sampling.window={kind: mixgrpo, stride: -1}"]).validate()
     with pytest.raises(ConfigError, match="sampling.window.stride"):
-        load_config(None, ["sampling.window={kind: fast, stride: 1}"]).validate()
+        load_config(None, ["method=flow_grpo_fast", "sampling.window={kind: fast, stride: 1}"]).validate()
+    with pytest.raises(ConfigError, match="sampling.window is an option of method flow_grpo_fast"):
+        load_config(None, ["sampling.window={kind: fast, size: 2}"]).validate()  # the window is its methods' option
     assert load_config(None, ["method=mixgrpo"]).window_spec() == {"kind": "mixgrpo", "size": 4, "shift_every": 25,
                                                                    "stride": 1, "schedule": "wrap"}
     with pytest.raises(ConfigError, match="method"):
         load_config(None, ["method=nope"])
     cfg = load_config(None, ["method=grpo_guard", "train.step_weighting=none"])
-    assert cfg.train.ratio_norm and cfg.train.step_weighting == "none"  # explicit keys override the preset
+    assert cfg.train.ratio_norm and cfg.train.step_weighting == "none"  # explicit keys override the method defaults
 
 
 @pytest.mark.parametrize("method,extra", [

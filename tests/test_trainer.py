@@ -74,7 +74,7 @@ def test_gradient_accumulation_does_not_change_loss_or_gradients(sd3_dir, tmp_pa
     for micro in (8, 2):
         trainer.cfg.train.batch_size = micro
         trainer.optimizer.zero_grad(set_to_none=True)
-        stats = trainer.accumulate(traj, adv[local], valid[local], ids, steps)
+        stats = trainer.accumulate(trainer.objective.units_for(traj, adv[local], valid[local], steps), ids)
         results.append((stats["loss"], [p.grad.clone() for p in trainer.params]))
     (loss_a, grads_a), (loss_b, grads_b) = results
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-7)

@@ -1,4 +1,6 @@
-"""Pretraining and evaluation of the embedded digits model (``genalign pretrain-digits``).
+"""Pretraining and evaluation of the embedded digits model (``genalign pretrain-digits``, the ``main``
+entry of the ``genalign.commands`` entry point of the digits plugin; installed as
+``genalign.pipelines.digits_pretrain``).
 
 Data: scikit-learn's bundled 8x8 digits (1797 images, values 0..16) scaled to ``[-1, 1]``, split once
 into a stratified train set (75%) and a held-out set (25%) with a fixed ``random_state`` (independent
@@ -16,9 +18,14 @@ of ``seed``), so every asset set is evaluated on the same held-out digits.
    early checkpoints in that accuracy band look like noise). Prompts are dropped (-> empty prompt) with
    probability ``cond_dropout`` so CFG is available. Default sampling (``policy.json``): 10 uniform ODE
    steps, guidance 1.0 (no CFG: keeps diversity within a prompt, so GRPO groups have reward variance,
-   and halves the rollout cost); the measured base prompt accuracy (~0.6) and its dependence on the
+   and halves the rollout cost); the measured base prompt accuracy (~0.58) and its dependence on the
    guidance scale go to ``metrics.json``. Raising the guidance scale is the training-free baseline that
    RL must beat.
+
+Metrics sample through :mod:`genalign.sampling`, the sampler of every genalign command: image i of a
+``(prompts, num_per_prompt, seed)`` request (prompt-major) uses seed ``seed + i`` for its initial noise, so
+the numbers do not depend on the batch size. ``--measure-only`` recomputes ``metrics.json`` for an existing
+asset directory without training (the model files are left untouched).
 
 Reproducibility: identical outputs for the same seed and the same number of torch threads (thread count
 changes float summation order). ``--threads 1`` is much faster than 2 on a machine shared with other jobs.
@@ -194,32 +201,19 @@ def train_generator(x_tr, y_tr, seed: int = 0, steps: int = 4000, batch_size: in
 
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def sample_images(policy, prompts: Sequence[str], num_per_prompt: int = 1, seed: int = 0,
-                  num_steps: Optional[int] = None, batch_size: int = 1024) -> torch.Tensor:
-    """ODE samples (noise level 0) ``[len(prompts) * num_per_prompt, 3, H, W]``, prompt-major."""
-    from genalign.rollout import rollout
-
-    steps = policy.num_steps if num_steps is None else num_steps
-    expanded = [p for p in prompts for _ in range(num_per_prompt)]
-    gen = torch.Generator(device=policy.device).manual_seed(seed)
-    images = []
-    for i in range(0, len(expanded), batch_size):
-        chunk = expanded[i:i + batch_size]
-        traj = rollout(policy, policy.encode(chunk), chunk, steps, noise_levels=0.0, generator=gen)
-        images.append(policy.decode(traj.final))
-    return torch.cat(images)
-
-
-@torch.no_grad()
 def prompt_accuracy(policy, classifier, prompts: Sequence[str], num_per_prompt: int = 50, seed: int = 0,
                     num_steps: Optional[int] = None, return_confidence: bool = False):
-    """Fraction of ODE samples whose classifier argmax is the prompted digit.
+    """Fraction of ODE samples whose classifier argmax is the prompted digit: ``num_per_prompt`` images per
+    prompt, prompt-major, image i seeded ``seed + i`` (:func:`genalign.sampling.expand_jobs`).
 
     classifier: a ``DigitClassifier`` (or a ``DigitCorrectReward``, whose classifier is used).
     With ``return_confidence`` also returns the mean max-probability (a digit-likeness proxy).
     """
+    from genalign.sampling import expand_jobs, sample_images
+
     clf = getattr(classifier, "classifier", classifier)
-    images = sample_images(policy, prompts, num_per_prompt, seed, num_steps)
+    jobs, seeds = expand_jobs(prompts, num_per_prompt, seed)
+    images = sample_images(policy, jobs, seeds, num_steps or policy.num_steps, batch_size=1024)
     target = torch.tensor([prompt_digit(p) for p in prompts for _ in range(num_per_prompt)])
     probs = clf.classify(images.to(next(clf.parameters()).device)).softmax(-1).cpu()
     acc = (probs.argmax(-1) == target).float().mean().item()
@@ -266,7 +260,8 @@ def evaluate_assets(policy, classifier, seed: int = 0) -> dict:
         "classifier_held_out_accuracy": round((classifier(x_te).argmax(-1) == y_te).float().mean().item(), 4),
         "base_prompt_accuracy": round(acc, 4),
         "base_prompt_accuracy_settings": {"prompts": "prompts_eval.txt", "num_per_prompt": 100, "seed": seed,
-                                          "num_steps": policy.num_steps, "guidance_scale": default, "sampler": "ODE"},
+                                          "num_steps": policy.num_steps, "guidance_scale": default,
+                                          "sampler": "ODE, image i seeded seed + i (genalign.sampling)"},
         "base_prompt_accuracy_train_prompts": round(prompt_accuracy(policy, classifier, train_prompts, 50,
                                                                     seed=seed), 4),
         "accuracy_by_guidance_scale": {},
@@ -281,8 +276,30 @@ def evaluate_assets(policy, classifier, seed: int = 0) -> dict:
     return metrics
 
 
+def measure(out_dir: str, log=print) -> dict:
+    """Recompute ``metrics.json`` of the asset directory ``out_dir`` (``--measure-only``): the sampling-dependent
+    numbers of :func:`evaluate_assets` with the pretraining seed from ``policy.json``, keeping every other field
+    (e.g. ``pretrain_seconds``); the model files are only read."""
+    from genalign.rewards.digits import DigitClassifier
+
+    policy = DigitsPolicy.from_pretrained(out_dir, device="cpu")
+    classifier = DigitClassifier.from_pretrained(out_dir)
+    with open(os.path.join(out_dir, "policy.json")) as f:
+        seed = json.load(f).get("pretrain", {}).get("seed", 0)
+    path = os.path.join(out_dir, "metrics.json")
+    old = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+    metrics = {**old, **evaluate_assets(policy, classifier, seed=seed)}
+    with open(path, "w") as f:
+        json.dump(metrics, f, indent=1)
+    log(json.dumps(metrics, indent=1))
+    return metrics
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``genalign pretrain-digits --out DIR [--seed S]``."""
+    """``genalign pretrain-digits --out DIR [--seed S] [--measure-only]``."""
     parser = argparse.ArgumentParser(prog="genalign pretrain-digits",
                                      description="Train the embedded digits generator and classifier reward.")
     parser.add_argument("--out", required=True, help="output asset directory (e.g. assets/digits)")
@@ -292,9 +309,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--guidance-scale", type=float, default=DEFAULT_SAMPLING["guidance_scale"],
                         help="default CFG scale written to policy.json")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--measure-only", action="store_true",
+                        help="do not train: recompute DIR/metrics.json for the assets already in --out")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.measure_only:
+        measure(args.out)
+        return 0
     pretrain(args.out, seed=args.seed, generator_steps=args.generator_steps, label_noise=args.label_noise,
              guidance_scale=args.guidance_scale)
     return 0

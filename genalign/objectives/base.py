@@ -1,0 +1,80 @@
+"""The objective protocol's data types and registry (see :mod:`genalign.objectives`)."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+from ..registry import Registry
+
+OBJECTIVES = Registry("objective")
+
+
+def register_objective(name: str):
+    """Decorator registering an objective class ``cls(trainer)`` under ``name``."""
+    return OBJECTIVES.register(name)
+
+
+@dataclass
+class TrainContext:
+    """What an objective uses to compute losses: the config, the policy, accelerate, the optimizer step, and the
+    forward contexts. The trainer builds one; a benchmark or another loop can build its own."""
+
+    cfg: object
+    policy: object
+    acc: object
+    optim: Optional[object] = None
+    reward_fn: Optional[object] = None
+    frozen_reference: Optional[torch.nn.Module] = None
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.cfg.model.device) if self.cfg.model.device else self.acc.device
+
+    @property
+    def rank(self) -> int:
+        return self.acc.process_index
+
+    @property
+    def world(self) -> int:
+        return self.acc.num_processes
+
+    def autocast(self):
+        return self.acc.autocast() if self.cfg.mixed_precision != "no" else contextlib.nullcontext()
+
+    def reference(self):
+        """Context in which the denoiser computes the reference policy (adapters disabled or the frozen copy)."""
+        from ..lora import adapters_disabled, forward_of
+
+        denoiser = self.policy.denoiser()
+        if self.frozen_reference is not None:
+            return forward_of(denoiser, self.frozen_reference)
+        return adapters_disabled(denoiser)
+
+    def trainable_steps(self) -> List[int]:
+        steps = self.cfg.trainable_steps()
+        if not steps:
+            from ..config import ConfigError
+
+            raise ConfigError("no stochastic step to train: sampling.noise_level is 0")
+        return steps
+
+
+@dataclass
+class EpochBatch:
+    """One epoch's samples. ``traj``: this process's trajectories (rows follow ``local``); ``rewards`` ``[N]``,
+    ``parts`` and ``group_ids`` ``[N]`` are GLOBAL (gathered); ``local`` ``[n]`` the global position of each local
+    row (-1: a padding row that trains nothing); ``plan`` the epoch's global :class:`genalign.methods.EpochPlan`."""
+
+    traj: object
+    rewards: torch.Tensor
+    parts: Dict[str, torch.Tensor]
+    group_ids: torch.Tensor
+    local: torch.Tensor
+    plan: Optional[object] = None
+
+
+__all__ = ["OBJECTIVES", "EpochBatch", "TrainContext", "register_objective"]

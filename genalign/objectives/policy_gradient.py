@@ -1,0 +1,193 @@
+"""Policy-gradient objective: the Flow-GRPO family (docs/algorithms.md §3-§5, §9).
+
+Group-relative advantages from the global rewards (TempFlow-GRPO: process advantages per (prompt, seed, step)),
+then per trained (sample, step) token the log-prob is recomputed with THE SAME forward as the rollout
+(``Policy.predict``, CFG included) and the shared :func:`genalign.losses.policy_loss` is minimised, plus the
+Gaussian mean KL to the reference (LoRA adapters disabled, or a frozen copy). GRPO-Guard's RatioNorm and the
+step weights (noise-aware, inverse-dt) are options of this objective. Steps are trained one at a time (one
+backward per micro-batch and step: activation memory does not grow with the number of trained steps).
+
+Tokens: a (sample, step) pair of a valid sample at a stochastic step. A deterministic transition (std 0) has
+no density, so it has no log-ratio, KL or RatioNorm and does not count (docs/algorithms.md §1.5). The loss is
+normalised by the GLOBAL token count of the optimizer step, so accumulation and the process count do not
+change it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+
+from .. import losses, methods
+from ..advantages import compute_advantages, zero_variance_groups
+from ..methods import mix_seed
+from ..rollout import Trajectory, gather_steps, recompute_step
+from ..sde import gaussian_kl
+from .base import EpochBatch, register_objective
+
+
+@dataclass
+class PGUnits:
+    """This process's samples: ``traj`` rows with their advantage ``adv [n]``, validity ``valid [n]`` and
+    trained steps ``steps [n, k]``; ``adv_global`` / ``valid_global`` for logging."""
+
+    traj: Trajectory
+    adv: torch.Tensor
+    valid: torch.Tensor
+    steps: torch.Tensor
+    adv_global: torch.Tensor
+    valid_global: torch.Tensor
+
+
+@register_objective("policy_gradient")
+class PolicyGradient:
+    """Clipped policy gradient on per-step log-probs (PPO-clip / CISPO surrogates, any aggregation)."""
+
+    def __init__(self, trainer):
+        self.tr = trainer
+        self.cfg = trainer.cfg
+        T = self.cfg.sampling.num_steps
+        self.diagnostics = methods.StepDiagnostics(T, trainer.device)
+        self.nonfinite = torch.zeros(T, 2, device=trainer.device)  # (policy, KL) non-finite tokens per step
+
+    # ------------------------------------------------------------------ advantages
+    def advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor, plan=None):
+        """Group-relative advantages over the GLOBAL batch (identical on every process) and the per-sample
+        validity (False for zero-variance groups when ``train.filter_zero_std_groups``). TempFlow branching
+        (``plan.branch_step``): groups are (prompt, seed, step) with each branch's process advantage."""
+        t = self.cfg.train
+        if plan is not None and plan.branch_step is not None:
+            steps = plan.branch_step
+            adv = methods.branch_advantages(rewards, plan)[torch.arange(len(steps)), steps]
+            adv = adv.clamp(-t.advantage_clip, t.advantage_clip)
+            group_ids = plan.seed_ids * self.cfg.sampling.num_steps + steps
+        else:
+            extra = {"std": t.advantage_std} if t.advantage == "grpo" else {}  # options checked at config load
+            if t.advantage_unbiased_std:
+                extra["unbiased"] = True
+            adv = compute_advantages(t.advantage, rewards, group_ids, **extra).clamp(-t.advantage_clip, t.advantage_clip)
+        valid = torch.ones_like(rewards, dtype=torch.bool)
+        if t.filter_zero_std_groups:
+            valid = ~zero_variance_groups(rewards, group_ids)
+        return adv, valid
+
+    def prepare(self, epoch: int, batch: EpochBatch) -> PGUnits:
+        adv, valid = self.advantages(batch.rewards, batch.group_ids, batch.plan)
+        local = batch.local
+        pad = local < 0  # padding rows (uneven dynamic-sampling shares): no tokens
+        idx = local.clamp_min(0)
+        steps = batch.plan.train_steps[idx] if batch.plan is not None else \
+            torch.tensor(self.tr.trainable_steps()).expand(len(local), -1)
+        return PGUnits(batch.traj, torch.where(pad, 0.0, adv[idx]), valid[idx] & ~pad, steps, adv, valid)
+
+    def units_for(self, traj: Trajectory, adv: torch.Tensor, valid: torch.Tensor, steps: torch.Tensor) -> PGUnits:
+        """Units of local samples given their advantages, validity and trained steps (tests, benchmarks)."""
+        return PGUnits(traj, adv, valid, steps, adv, valid)
+
+    def stats(self, units: PGUnits) -> Dict[str, float]:
+        adv, valid = units.adv_global, units.valid_global
+        return {"adv/mean": adv.mean().item(), "adv/std": adv.std().item(), "adv/abs_mean": adv.abs().mean().item(),
+                "groups/zero_std_frac": 1.0 - valid.float().mean().item()}
+
+    # ------------------------------------------------------------------ optimizer steps
+    def minibatches(self, units: PGUnits, epoch: int, inner: int) -> List[torch.Tensor]:
+        gen = torch.Generator().manual_seed(mix_seed(self.cfg.seed, epoch, inner, self.tr.rank, 7))
+        order = torch.randperm(len(units.traj), generator=gen)
+        if self.cfg.train.shuffle_steps:
+            k = units.steps.shape[1]
+            units.steps = torch.stack([row[torch.randperm(k, generator=gen)] for row in units.steps])
+        return list(torch.tensor_split(order, self.cfg.train.num_minibatches))
+
+    def backwards(self, units: PGUnits, ids: torch.Tensor):
+        """One backward per (micro-batch of ``train.batch_size`` samples, trained step); global counts first."""
+        t, dev = self.cfg.train, self.tr.device
+        steps = units.steps[ids]
+        k = steps.shape[1]
+        stochastic = units.traj.stds[ids[:, None], steps] > 0
+        valid = units.valid[ids]
+        counts = torch.stack([(valid[:, None] & stochastic).sum().float(), valid.sum().float()]).to(dev)
+        num_tokens, num_seqs = self.tr.acc.reduce(counts, "sum").clamp_min(1).unbind()
+        fns, starts = [], range(0, len(ids), t.batch_size)
+        weight = 1.0 / (k * max(len(starts), 1))  # stats summed over the step's backwards give micro-batch means
+        for start in starts:
+            micro = ids[start:start + t.batch_size]
+            sub = units.traj.select(micro).to(dev)
+            for c in range(k):
+                fns.append(self._backward_fn(sub, units.adv[micro].to(dev), units.valid[micro].to(dev),
+                                             steps[start:start + t.batch_size, c].to(dev), num_tokens, num_seqs, k,
+                                             weight))
+        return fns
+
+    def _backward_fn(self, sub, adv, valid, j, num_tokens, num_seqs, k, weight):
+        def run(sync: bool) -> Dict[str, torch.Tensor]:
+            loss, st = self.token_loss(sub, adv, valid, j, num_tokens, num_seqs, k)
+            self.tr.optim.backward(loss, sync)
+            out = {key: v * weight for key, v in st.items()}
+            out["loss"] = loss.detach()  # the loss terms of one optimizer step add up to its loss
+            return out
+        return run
+
+    def token_loss(self, sub: Trajectory, adv, valid, j, num_tokens, num_seqs, k):
+        """Loss of step ``j [B]`` of a micro-batch (global normalisers) and its statistics."""
+        t, tr = self.cfg.train, self.tr
+        std = gather_steps(sub.stds, j)
+        tokens = valid & (std > 0)
+        safe = torch.where(std > 0, std, torch.ones_like(std))  # masked tokens: any finite value (finite grads)
+        with tr.autocast():
+            step = recompute_step(tr.policy, sub, j)
+            kl = None
+            if t.kl_beta > 0:
+                with torch.no_grad(), tr.reference():
+                    ref_mean = recompute_step(tr.policy, sub, j).mean
+                kl = gaussian_kl(step.mean, ref_mean, self._kl_std(sub, j, safe), sub.reduction)[:, None]
+        old, logp = gather_steps(sub.log_probs, j), step.log_prob
+        if t.ratio_norm:
+            logp = methods.ratio_norm(logp, old, step.mean, gather_steps(sub.means, j), safe, sub.reduction)
+        self.nonfinite.index_add_(0, j, torch.stack(
+            [~torch.isfinite(logp), ~torch.isfinite(kl[:, 0]) if kl is not None else torch.zeros_like(tokens)],
+            1).float() * tokens[:, None])
+        weights = None
+        if t.step_weighting != "none":
+            weights = gather_steps(methods.step_weight_table(t.step_weighting, sub.sigmas, tr.trainable_steps()), j)
+        # per-step backward: every sample trains k steps, so seq_mean_token_mean is 'constant' with normaliser k
+        agg = "constant" if t.aggregation == "seq_mean_token_mean" else t.aggregation
+        loss, st = losses.policy_loss(
+            logp[:, None], old[:, None], adv, tokens[:, None], surrogate=t.surrogate, aggregation=agg,
+            eps_low=t.clip_range, eps_high=t.clip_range_high, num_tokens=num_tokens, num_seqs=num_seqs,
+            normalizer=k, kl=kl, kl_coef=t.kl_beta, weights=weights)
+        log_r = logp.detach() - old
+        clipped = losses.get_surrogate(t.surrogate)(log_r[:, None], adv[:, None], log_r[:, None], eps_low=t.clip_range,
+                                                    eps_high=t.clip_range_high).clipped[:, 0]
+        self.diagnostics.add(j, log_r, adv, tokens, clipped)
+        return loss, st
+
+    def _kl_std(self, sub: Trajectory, j: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """Std dividing the Gaussian KL: the transition std ('exact'), or for the SDE step flow_grpo's
+        diffusion coefficient ``sigma_t = std / sqrt(dt)`` (``train.kl_form = flow_grpo``: exact KL times dt)."""
+        if self.cfg.train.kl_form == "exact" or sub.step_kind != "sde":
+            return std
+        dt = gather_steps(sub.sigmas, j) - gather_steps(sub.sigmas, j + 1)
+        return std / dt.sqrt()
+
+    # ------------------------------------------------------------------ reporting
+    def after_step(self) -> None:
+        self.nonfinite.zero_()
+
+    def describe_failure(self) -> str:
+        table = self.tr.acc.reduce(self.nonfinite, "sum") if self.tr.world > 1 else self.nonfinite
+        terms = []
+        for col, name in enumerate(("policy log-prob / ratio", "KL to the reference")):
+            steps = table[:, col].nonzero().flatten().tolist()
+            if steps:
+                terms.append(f"{name} at denoising step(s) {steps}")
+        return "; ".join(terms) or "the gradient (loss and log-probs finite)"
+
+    def epoch_stats(self) -> Dict[str, float]:
+        out = self.diagnostics.metrics(self.tr.acc.reduce if self.tr.world > 1 else None)
+        self.diagnostics = methods.StepDiagnostics(self.cfg.sampling.num_steps, self.tr.device)
+        return out
+
+
+__all__ = ["PGUnits", "PolicyGradient"]
