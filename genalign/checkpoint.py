@@ -54,15 +54,19 @@ def latest_checkpoint(root: str) -> Optional[str]:
     return found[-1] if found else None
 
 
-def save_checkpoint(root: str, step: int, write: Callable[[str], None], keep_last: int = 2) -> str:
-    """Call ``write(tmp_dir)`` then atomically publish it as ``checkpoint-<step>``; prune old ones."""
+def begin_checkpoint(root: str, step: int) -> str:
+    """Create (empty) the temporary directory of checkpoint ``step``, removing ones left by killed writes."""
     os.makedirs(root, exist_ok=True)
-    final = os.path.join(root, f"checkpoint-{step}")
-    tmp = os.path.join(root, f".tmp-checkpoint-{step}")
     for stale in glob.glob(os.path.join(root, ".tmp-checkpoint-*")):  # left by a write that was killed
         shutil.rmtree(stale, ignore_errors=True)
+    tmp = os.path.join(root, f".tmp-checkpoint-{step}")
     os.makedirs(tmp)
-    write(tmp)
+    return tmp
+
+
+def publish_checkpoint(root: str, step: int, tmp: str, keep_last: int = 2) -> str:
+    """Mark ``tmp`` complete, atomically rename it to ``checkpoint-<step>``, point ``latest`` at it, prune."""
+    final = os.path.join(root, f"checkpoint-{step}")
     with open(os.path.join(tmp, MARKER), "w") as fh:
         json.dump({"step": step}, fh)
     if os.path.exists(final):
@@ -75,6 +79,13 @@ def save_checkpoint(root: str, step: int, write: Callable[[str], None], keep_las
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_checkpoint(root: str, step: int, write: Callable[[str], None], keep_last: int = 2) -> str:
+    """Call ``write(tmp_dir)`` then atomically publish it as ``checkpoint-<step>``; prune old ones."""
+    tmp = begin_checkpoint(root, step)
+    write(tmp)
+    return publish_checkpoint(root, step, tmp, keep_last)
 
 
 def resolve_resume(output_dir: str, resume: str) -> str:
@@ -103,27 +114,30 @@ class Checkpointer:
         return latest_checkpoint(self.root)
 
     def save(self) -> Optional[str]:
-        """Atomic checkpoint (main process writes; all processes wait)."""
-        tr = self.tr
-        tr.acc.wait_for_everyone()
-        if not tr.is_main:
-            tr.acc.wait_for_everyone()
-            return None
-        path = save_checkpoint(self.root, tr.global_step, self._write, tr.cfg.checkpoint.keep_last)
-        tr.acc.wait_for_everyone()
-        return path
-
-    def _write(self, tmp: str) -> None:
+        """Atomic checkpoint. Every process takes part: accelerate writes each process's RNG state (and sharded
+        optimizer state under FSDP / DeepSpeed) and gathering sharded weights is collective; the main process
+        writes the rest and publishes the directory. Returns its path on the main process."""
         from safetensors.torch import save_file
 
         tr = self.tr
+        step = tr.global_step
+        tmp = os.path.join(self.root, f".tmp-checkpoint-{step}")
+        tr.acc.wait_for_everyone()
+        if tr.is_main:
+            begin_checkpoint(self.root, step)
+        tr.acc.wait_for_everyone()
         tr.acc.save_state(os.path.join(tmp, "accelerate"))
-        tr.save_weights(tmp)
-        if tr.ema is not None:
-            shadow = tr.ema.state_dict()["shadow"]
-            save_file({str(i): s.contiguous() for i, s in enumerate(shadow)}, os.path.join(tmp, "ema.safetensors"))
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as fh:
-            json.dump({**tr.counters(), "ema_updates": tr.ema.num_updates if tr.ema else 0}, fh)
+        tr.save_weights(tmp)  # collective gather when sharded; written by the main process
+        path = None
+        if tr.is_main:
+            if tr.ema is not None:
+                shadow = tr.ema.state_dict()["shadow"]
+                save_file({str(i): s.contiguous() for i, s in enumerate(shadow)}, os.path.join(tmp, "ema.safetensors"))
+            with open(os.path.join(tmp, "trainer_state.json"), "w") as fh:
+                json.dump({**tr.counters(), "ema_updates": tr.ema.num_updates if tr.ema else 0}, fh)
+            path = publish_checkpoint(self.root, step, tmp, tr.cfg.checkpoint.keep_last)
+        tr.acc.wait_for_everyone()
+        return path
 
     def load(self, path: str) -> int:
         """Restore ``path`` into the trainer; returns the epoch it resumes from."""

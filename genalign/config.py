@@ -31,12 +31,10 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 
 import yaml
 
-if TYPE_CHECKING:  # method_specs imports this module; config imports it lazily (no import cycle)
+from .errors import ConfigError, check_choice as _choice  # noqa: F401 - ConfigError is re-exported here
+
+if TYPE_CHECKING:  # imported inside functions below (torch); method_specs never imports this module
     from .method_specs import MethodSpec
-
-
-class ConfigError(ValueError):
-    """A config key or value is invalid; the message names the key."""
 
 
 class _Loader(yaml.SafeLoader):
@@ -480,11 +478,6 @@ UNSUPPORTED_SURROGATES = {"hapo": "it needs per-token entropy scores, which deno
 
 WINDOW_DEFAULTS: Dict[str, Dict[str, Any]] = {"fast": {"size": 2, "max_start": None},
                                               "mixgrpo": {"size": 4, "shift_every": 25, "stride": 1, "schedule": "wrap"}}
-
-
-def _choice(key: str, value: Any, valid: List[str]) -> None:
-    if value not in valid:
-        raise ConfigError(f"{key} = {value!r} is not valid; choose one of {valid}")
 
 
 # ---------------------------------------------------------------- loading, overrides, documentation

@@ -31,7 +31,9 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
 
 import torch
 
-from .config import ConfigError, _choice
+from .choices import CRITERIA, LOSSES, PAIRINGS, SET_SPLITS
+from .errors import ConfigError, check_choice
+from .losses import KTO_REFERENCES
 from .methods import EpochPlan, branch_plan, full_plan, window_plan
 from .registry import Registry
 
@@ -198,13 +200,11 @@ class Dragon(MethodSpec):
     options: Tuple[str, ...] = ("dragon",)
 
     def validate(self, cfg) -> None:
-        from .dragon import CRITERIA, KTO_REFERENCES, LOSSES, PAIRINGS, SET_SPLITS
-
         d = cfg.dragon
         for key, value, valid in (("loss", d.loss, LOSSES), ("criterion", d.criterion, CRITERIA),
                                   ("pairing", d.pairing, PAIRINGS), ("set_split", d.set_split, SET_SPLITS),
                                   ("kto_reference", d.kto_reference, KTO_REFERENCES)):
-            _choice(f"dragon.{key}", value, list(valid))
+            check_choice(f"dragon.{key}", value, list(valid))
         if d.loss == "dpo" and d.pairing != "paired":
             raise ConfigError("dragon.loss = 'dpo' needs dragon.pairing = 'paired' (use loss 'kto' for unpaired data)")
         if d.beta is not None and d.beta <= 0:
@@ -243,7 +243,7 @@ class AdvGRPO(MethodSpec):
                               "discriminator scores as positives (a directory, image paths or a per-prompt "
                               ".json / .jsonl file)")
         a = cfg.adversarial
-        _choice("adversarial.rule", a.rule, list(ADVERSARIAL_RULES))
+        check_choice("adversarial.rule", a.rule, list(ADVERSARIAL_RULES))
         if not isinstance(a.steps, int) or a.steps < 0:
             raise ConfigError(f"adversarial.steps must be an int >= 0, got {a.steps!r}")
         if not isinstance(a.num_samples, int) or a.num_samples < 1:

@@ -74,10 +74,10 @@ class OptimizerStep:
         self.distributed = distributed
         self.describe_failure = describe_failure
         self.num_steps = 0
+        self.kind = str(accelerator.distributed_type).split(".")[-1] if distributed else "LOCAL"
         if distributed:
             self.wrapped, self.optimizer = accelerator.prepare(model, optimizer)
-            kind = str(accelerator.distributed_type).split(".")[-1]
-            route_forward(model, self.wrapped, always=kind in _SHARDED)
+            route_forward(model, self.wrapped, always=self.kind in _SHARDED)
         else:
             self.wrapped, self.optimizer = model, optimizer
         self.scale = float(accelerator.num_processes) if distributed else 1.0  # accelerator may be None when local
@@ -93,8 +93,15 @@ class OptimizerStep:
         if not self.distributed:
             loss.backward()
             return
-        with self.no_sync(sync):
-            self.acc.backward(loss * self.scale if self.scale != 1.0 else loss)
+        deepspeed = self.kind == "DEEPSPEED"
+        if deepspeed:  # the engine steps inside backward when gradients sync: only on the step's last backward
+            self.acc.gradient_state._set_sync_gradients(sync)
+        try:
+            with self.no_sync(sync):
+                self.acc.backward(loss * self.scale if self.scale != 1.0 else loss)
+        finally:
+            if deepspeed:
+                self.acc.gradient_state._set_sync_gradients(True)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -113,6 +120,9 @@ class OptimizerStep:
         else:
             grads = [p.grad.norm() for p in self.params if p.grad is not None]
             norm = torch.linalg.vector_norm(torch.stack(grads)) if grads else torch.zeros(())
+        if norm is None:  # DeepSpeed clips (and steps) inside its engine: read the norm it computed
+            norm = self.wrapped.get_global_grad_norm() if hasattr(self.wrapped, "get_global_grad_norm") else 0.0
+            norm = float("nan") if norm is None else norm
         norm = torch.as_tensor(norm).float()
         if not torch.isfinite(norm):
             self.zero_grad()

@@ -15,6 +15,7 @@ losses are normalised by GLOBAL counts, so N processes compute what one process 
 from __future__ import annotations
 
 import copy
+import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -361,7 +362,6 @@ class Trainer:
 
     def _keep_failed_batch(self, images, prompts, epoch, batch_index) -> str:
         import json
-        import os
 
         from safetensors.torch import save_file
 
@@ -431,21 +431,29 @@ class Trainer:
                 "model_calls": self.model_calls, "config": to_dict(self.cfg)}
 
     def save_weights(self, directory: str) -> None:
-        """The trainable weights into ``directory``: ``lora/`` (adapters) or ``denoiser.safetensors``."""
-        import os
-
+        """The trainable weights into ``directory``: ``lora/`` (adapters) or ``denoiser.safetensors``. Call on
+        every process: sharded weights (FSDP) are gathered collectively; the main process writes."""
         from safetensors.torch import save_file
 
-        if has_lora(self.denoiser):
-            save_lora(self.policy, os.path.join(directory, "lora"), self.cfg.model.id)
-        else:
-            save_file({n: p.detach().cpu().contiguous() for n, p in self.denoiser.named_parameters() if p.requires_grad},
-                      os.path.join(directory, "denoiser.safetensors"))
+        with self._full_params():
+            if not self.is_main:
+                return
+            if has_lora(self.denoiser):
+                save_lora(self.policy, os.path.join(directory, "lora"), self.cfg.model.id)
+            else:
+                save_file({n: p.detach().cpu().contiguous() for n, p in self.denoiser.named_parameters()
+                           if p.requires_grad}, os.path.join(directory, "denoiser.safetensors"))
+
+    def _full_params(self):
+        """Context with the full (unsharded) parameters in the denoiser: FSDP's ``summon_full_params``."""
+        if self.optim.kind != "FSDP":
+            return nullcontext()
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return FSDP.summon_full_params(self.optim.wrapped, writeback=False, rank0_only=True)
 
     def load_weights(self, directory: str) -> None:
         """Inverse of :meth:`save_weights`."""
-        import os
-
         from safetensors.torch import load_file
 
         if has_lora(self.denoiser):
@@ -463,9 +471,21 @@ class Trainer:
 
     def finish(self) -> Dict[str, float]:
         """Export the final weights, the reward curve and a before/after grid; return the last metrics."""
-        import os
-
         out = self.cfg.output_dir
+        with self._full_params():  # collective under FSDP; the main process writes
+            self._export_final(out)
+        if self.is_main:
+            from .plots import plot_metrics
+
+            plot_metrics(self.metrics_path, os.path.join(out, "reward_curve.png"))
+            methods.plot_step_ratios(self.metrics_path, os.path.join(out, "step_ratios.png"))
+            if self.world == 1:
+                self.run_dir.before_after_grid(getattr(self, "_last_eval_images", None), self.cfg.eval.num_per_prompt)
+        self.acc.wait_for_everyone()
+        self.acc.end_training()
+        return self.run_dir.last_metrics() if self.is_main else {}
+
+    def _export_final(self, out: str) -> None:
         if self.is_main:
             if has_lora(self.denoiser):
                 ctx = self.ema.swapped_in() if self.ema is not None and self.cfg.eval.use_ema else nullcontext()
@@ -479,15 +499,6 @@ class Trainer:
                 os.makedirs(os.path.join(out, "final"), exist_ok=True)
                 save_file({n: p.detach().cpu().contiguous() for n, p in self.denoiser.state_dict().items()},
                           os.path.join(out, "final", "denoiser.safetensors"))
-            from .plots import plot_metrics
-
-            plot_metrics(self.metrics_path, os.path.join(out, "reward_curve.png"))
-            methods.plot_step_ratios(self.metrics_path, os.path.join(out, "step_ratios.png"))
-            if self.world == 1:
-                self.run_dir.before_after_grid(getattr(self, "_last_eval_images", None), self.cfg.eval.num_per_prompt)
-        self.acc.wait_for_everyone()
-        self.acc.end_training()
-        return self.run_dir.last_metrics() if self.is_main else {}
 
 
 # ---------------------------------------------------------------------- helpers
