@@ -1,6 +1,6 @@
 """Compare Flow-GRPO, Flow-GRPO-Fast, TempFlow-GRPO, GRPO-Guard and MixGRPO on the digits task.
 
-Every method runs the ONE trainer (configs/digits.yaml + its ``method`` preset) with the same seed and
+Every method runs the ONE trainer (configs/digits.yaml + its ``method``'s defaults) with the same seed and
 the same budget of generated images. Periodic ODE evaluations report prompt accuracy and the Frechet
 distance (FD) of the digit classifier's penultimate features to the real held-out digits. Writes
 ``benchmarks/results/compare_digits.json``::

@@ -1,7 +1,7 @@
 """DRAGON and Adv-GRPO on the digits task (the ONE trainer, configs/digits.yaml + overrides).
 
 (a) DRAGON: reward ``exemplar_similarity`` (mean cosine of the digit classifier's penultimate features to
-    the 5 nearest real TRAIN digits: the exemplar set), ``train.mode=dragon``, per-prompt halves, Diffusion-DPO
+    the 5 nearest real TRAIN digits: the exemplar set), ``method=dragon``, per-prompt halves, Diffusion-DPO
     on pairs within prompt groups (beta 500; 5000 overshot here). Goal: a lower batch FD than the base model.
     (``frechet_set`` with leave-one-out contributions of 128-image batches moved FD less in a sweep: the FD of
     128 samples in 128 dimensions is a noisy per-sample signal.)
@@ -34,10 +34,10 @@ COMMON = ["sampling.groups_per_epoch=8", "sampling.group_size=16", "sampling.bat
           "lora.rank=16", "lora.alpha=32"]
 DEMOS = {  # settings from short sweeps (see the module docstring); reward options are set in run()
     "dragon": {"epochs": 30, "reward": "exemplar_similarity", "options": {"mode": "knn", "k": 5}, "overrides": [
-        "train.mode=dragon", "dragon.criterion=instance", "dragon.loss=dpo", "dragon.pairing=paired", "dragon.beta=500",
+        "method=dragon", "dragon.criterion=instance", "dragon.loss=dpo", "dragon.pairing=paired", "dragon.beta=500",
         "train.lr=5e-4", "train.num_minibatches=4", "train.num_inner_epochs=2", "train.batch_size=32"]},
     "adv": {"epochs": 30, "reward": "adversarial", "options": {"lr": 1e-3}, "overrides": [
-        "adversarial.steps=3", "adversarial.num_samples=128", "train.kl_beta=0.3"]},
+        "method=adv_grpo", "adversarial.steps=3", "adversarial.num_samples=128", "train.kl_beta=0.3"]},
 }
 OUT = {"dragon": "dragon_digits", "adv": "adv_grpo_digits"}
 

@@ -45,9 +45,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def objective_name(cfg: Config) -> str:
     """The objective the config's method trains with."""
-    if hasattr(cfg, "method_spec"):
-        return cfg.method_spec().objective
-    return "dragon" if getattr(cfg.train, "mode", "grpo") == "dragon" else "policy_gradient"
+    return cfg.method_spec().objective
 
 
 class Trainer:
