@@ -7,7 +7,7 @@ Writes ``benchmarks/results/overhead.json``:
 * ``rollout_overhead_ratio``: :func:`genalign.rollout.rollout` (SD3Policy, SDE step with log-probs, CFG on)
   over ``StableDiffusion3Pipeline.__call__`` (Euler ODE, CFG on, ``output_type="latent"``, prompt
   embeddings passed), same transformer, steps, batch and initial latents. Target <= 1.05.
-* ``train_step_overhead_ratio``: one genalign training step (``Trainer.accumulate``: recompute the k stored
+* ``train_step_overhead_ratio``: one genalign training step (the policy-gradient objective's backwards: recompute the k stored
   transitions with ``Policy.predict`` (CFG), PPO-clip loss, per-step backward, ratio diagnostics) over a bare
   loop of transformer forward (the same 2B CFG batch) + ``square().mean()`` + backward on the same k
   inputs. Target <= 1.10.
@@ -68,65 +68,64 @@ def rollout_fns(pipe, policy, batch, steps, noise_level=0.7, seed=0):
 
 
 def trainer_stub(policy, batch, steps, k, lora_rank=0):
-    """A :class:`genalign.trainer.Trainer` without ``__init__`` (no reward, prompts or run directory), holding
-    the attributes that :meth:`Trainer.accumulate` uses; the denoiser trains in full (or LoRA with rank > 0)."""
+    """The policy-gradient objective on a :class:`genalign.objectives.TrainContext` (no Trainer: no reward, prompts
+    or run directory) with the one optimizer step; the denoiser trains in full (or LoRA with rank > 0)."""
     from accelerate import Accelerator
 
-    from genalign import methods
     from genalign.config import load_config
-    from genalign.trainer import Trainer
+    from genalign.objectives import PolicyGradient, TrainContext
+    from genalign.optim import OptimizerStep
 
-    tr = Trainer.__new__(Trainer)
-    tr.cfg = load_config(None, [f"sampling.num_steps={steps}", f"train.batch_size={batch}", "train.kl_beta=0",
-                                f"lora.enabled={'true' if lora_rank else 'false'}", f"lora.rank={max(lora_rank, 1)}",
-                                f"lora.alpha={max(lora_rank, 1)}", "train.clip_range=1e-2",
-                                f"sampling.group_size={batch}", f"sampling.batch_size={batch}"])
-    tr.acc = Accelerator(cpu=policy.device.type != "cuda")
-    tr.device = policy.device
-    tr.rank, tr.world, tr.is_main = 0, 1, True
-    tr.policy = policy
-    tr.denoiser = policy.denoiser()
-    tr.reference = None
-    tr._diagnostics = methods.StepDiagnostics(steps, policy.device)
+    cfg = load_config(None, [f"sampling.num_steps={steps}", f"train.batch_size={batch}", "train.kl_beta=0",
+                             f"lora.enabled={'true' if lora_rank else 'false'}", f"lora.rank={max(lora_rank, 1)}",
+                             f"lora.alpha={max(lora_rank, 1)}", "train.clip_range=1e-2",
+                             f"sampling.group_size={batch}", f"sampling.batch_size={batch}"])
+    denoiser = policy.denoiser()
     if lora_rank:
         from genalign.lora import add_lora
 
-        for m in (policy.pipe.vae, tr.denoiser):
+        for m in (policy.pipe.vae, denoiser):
             m.requires_grad_(False)
-        add_lora(tr.denoiser, lora_rank, float(lora_rank), policy.lora_target_modules)
+        add_lora(denoiser, lora_rank, float(lora_rank), policy.lora_target_modules)
     else:
-        tr.denoiser.requires_grad_(True)
-    tr.params = [p for p in tr.denoiser.parameters() if p.requires_grad]
-    return tr
+        denoiser.requires_grad_(True)
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    acc = Accelerator(cpu=policy.device.type != "cuda")
+    optim = OptimizerStep(acc, denoiser, torch.optim.AdamW(params), params, distributed=False)
+    return PolicyGradient(TrainContext(cfg, policy, acc, optim))
 
 
 def train_fns(tr, batch, steps, k, seed=0):
-    """(genalign Trainer.accumulate, bare forward+backward) closures on the same trajectory and k steps."""
+    """(genalign policy-gradient backwards of one optimizer step, bare forward+backward) closures on the same trajectory and k steps."""
     from genalign.rollout import rollout
 
-    policy, device = tr.policy, tr.device
+    policy, device = tr.ctx.policy, tr.ctx.device
     cond = policy.cond_from_embeds(**C.random_embeds(batch, device, seed))
     traj = rollout(policy, cond, ["p"] * batch, steps, 0.7, "sde", generator=torch.Generator(device).manual_seed(seed))
     step_idx = torch.arange(k).expand(batch, k)
     ids = torch.arange(batch)
     adv = torch.linspace(-1, 1, batch, device=device)
     valid = torch.ones(batch, dtype=torch.bool, device=device)
-    model = tr.denoiser
+    model = policy.denoiser()
+    params = tr.ctx.optim.params
     # the bare loop's inputs, prepared once: the same CFG batch [negative; positive] Policy.predict builds
     emb = torch.cat([cond["negative_prompt_embeds"], cond["prompt_embeds"]])
     pooled = torch.cat([cond["negative_pooled_prompt_embeds"], cond["pooled_prompt_embeds"]])
     xs = [torch.cat([traj.latents[:, j]] * 2) for j in range(k)]
     ts = [torch.cat([traj.timesteps[:, j]] * 2) for j in range(k)]
 
+    units = tr.units_for(traj, adv, valid, step_idx)
+
     def genalign():
-        tr.denoiser.train()
-        for p in tr.params:
+        model.train()
+        for p in params:
             p.grad = None
-        return tr.accumulate(traj, adv, valid, ids, step_idx)
+        fns = tr.backwards(units, ids)
+        return [fn(i == len(fns) - 1) for i, fn in enumerate(fns)]
 
     def bare():
         model.train()
-        for p in tr.params:
+        for p in params:
             p.grad = None
         for j in range(k):
             out = model(hidden_states=xs[j], timestep=ts[j], encoder_hidden_states=emb, pooled_projections=pooled,

@@ -37,7 +37,7 @@ def fit(xs, ys):
 
 
 def measure(device, batch, steps, k, latent_size, repeats, what=("rollout", "train")):
-    """Median seconds and peak extra bytes of one rollout and/or one training step (Trainer.accumulate)."""
+    """Median seconds and peak extra bytes of one rollout and/or one training step (the policy-gradient objective's backwards)."""
     row = {"batch": batch, "sampling_steps": steps, "trained_steps": k, "latent_size": latent_size}
     if "rollout" in what:
         pipe, policy = O.build(device, latent_size)

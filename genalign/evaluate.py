@@ -54,7 +54,7 @@ def score_variant(policy, variant: Variant, evaluator: Evaluator, autocast=None)
     """Sample and score the evaluator's request with ``variant``: every reward component (and ``reward``, the
     weighted total) as ``[N]`` per-image values, all processes' images combined."""
     with use_variant(policy, variant) as sampler:
-        scores = evaluator.score(sampler, autocast).scores
+        scores = evaluator.score(sampler, autocast, keep_images=False).scores
     return {name: v.numpy() for name, v in scores.items()}
 
 

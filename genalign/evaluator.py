@@ -28,13 +28,14 @@ class EvalScores(NamedTuple):
 
     scores: ``{"reward": [N], <part>: [N], ...}`` float64 per-image values of ALL ``N`` images in global index
         order (identical on every process): ``reward`` is the reward set's weighted total, then its parts.
-    images: this process's images ``[n_local, 3, H, W]`` (CPU, float32, in global index order).
+    images: this process's images ``[n_local, 3, H, W]`` (CPU, float32, in global index order); None when
+        :meth:`Evaluator.score` was asked not to keep them.
     prompts: their prompts.
     indices: their global indices.
     """
 
     scores: Dict[str, torch.Tensor]
-    images: torch.Tensor
+    images: Optional[torch.Tensor]
     prompts: List[str]
     indices: List[int]
 
@@ -42,7 +43,7 @@ class EvalScores(NamedTuple):
 class Evaluator:
     """Evaluate a policy on ``prompts`` x ``num_per_prompt`` ODE images (image i seeded ``seed + i``).
 
-    reward_fn: a :class:`genalign.rewards.RewardSet` (``(images, prompts, metadata) -> (total [n], parts)``);
+    reward_fn: a :class:`genalign.reward_api.RewardSet` (``(images, prompts, metadata) -> (total [n], parts)``);
         each image's metadata is ``{"eval": True, "seed": its seed, "index": its global index}``.
     accelerator: None (one process) or an object with ``process_index``, ``num_processes``, ``device`` and
         ``reduce(tensor, "sum")`` (an ``accelerate.Accelerator``). ``rank`` / ``world`` override its process
@@ -79,9 +80,11 @@ class Evaluator:
         return shard(self.num_images, self.rank, self.world)
 
     @torch.no_grad()
-    def score(self, policy, autocast: Optional[Callable[[], ContextManager]] = None) -> EvalScores:
+    def score(self, policy, autocast: Optional[Callable[[], ContextManager]] = None,
+              keep_images: bool = True) -> EvalScores:
         """Sample this process's images with ``policy`` (under ``autocast()`` when given), score them and
-        combine the per-image values of all processes (see the module docstring)."""
+        combine the per-image values of all processes (see the module docstring). ``keep_images=False``
+        drops each batch's images once scored (``genalign eval``: memory stays one batch)."""
         mine = self.local_indices()
         prompts, seeds = [self.job_prompts[i] for i in mine], [self.seeds[i] for i in mine]
         images, totals, parts, start = [], [], {}, 0
@@ -92,14 +95,16 @@ class Evaluator:
             totals.append(total.detach().double().cpu().reshape(-1))
             for k, v in batch_parts.items():
                 parts.setdefault(k, []).append(v.detach().double().cpu().reshape(-1))
-            images.append(batch)
+            if keep_images:
+                images.append(batch)
             start += len(batch)
         names = ["reward"] + list(parts)
         local = torch.stack([torch.cat(totals)] + [torch.cat(parts[k]) for k in parts])  # [K, n_local]
         values = torch.zeros(len(names), self.num_images, dtype=torch.float64)
         values[:, torch.tensor(mine)] = local
         values = self._sum_over_processes(values)
-        return EvalScores(dict(zip(names, values.unbind(0))), torch.cat(images), prompts, mine)
+        return EvalScores(dict(zip(names, values.unbind(0))), torch.cat(images) if keep_images else None, prompts,
+                          mine)
 
     def run(self, policy, autocast: Optional[Callable[[], ContextManager]] = None
             ) -> Tuple[Dict[str, float], torch.Tensor, List[str]]:

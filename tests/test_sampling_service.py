@@ -154,10 +154,10 @@ def test_evaluator_metrics_identical_for_one_and_two_processes(tuned, batch_size
     for rank_metrics, _, _ in two:
         if batch_size == 1:  # the same single-image batches: bitwise identical
             assert rank_metrics == metrics
-        else:
+        else:  # other batches: the last float bits of the images differ, the classifier amplifies them a little
             assert rank_metrics.keys() == metrics.keys()
             for k in metrics:
-                assert rank_metrics[k] == pytest.approx(metrics[k], rel=1e-6, abs=1e-7)
+                assert rank_metrics[k] == pytest.approx(metrics[k], rel=1e-5, abs=1e-6)
     # the metrics are the means over all images of the weighted total and of each part
     total, parts = rewards(images, PROMPTS, None)
     assert metrics["eval/reward"] == pytest.approx(total.double().mean().item(), rel=1e-6)

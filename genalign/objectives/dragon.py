@@ -32,9 +32,9 @@ class DragonUnits:
 class Dragon:
     """Diffusion-DPO / Diffusion-KTO on the D+ / D- split of each epoch."""
 
-    def __init__(self, trainer):
-        self.tr = trainer
-        self.cfg = trainer.cfg
+    def __init__(self, ctx):
+        self.ctx = self.tr = ctx  # a TrainContext
+        self.cfg = ctx.cfg
 
     def prepare(self, epoch: int, batch: EpochBatch) -> DragonUnits:
         labels = split_labels(self.tr, batch.rewards, batch.group_ids, batch.traj)

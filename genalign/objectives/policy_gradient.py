@@ -45,12 +45,12 @@ class PGUnits:
 class PolicyGradient:
     """Clipped policy gradient on per-step log-probs (PPO-clip / CISPO surrogates, any aggregation)."""
 
-    def __init__(self, trainer):
-        self.tr = trainer
-        self.cfg = trainer.cfg
+    def __init__(self, ctx):
+        self.ctx = self.tr = ctx  # a TrainContext (the trainer's, or one built by a benchmark)
+        self.cfg = ctx.cfg
         T = self.cfg.sampling.num_steps
-        self.diagnostics = methods.StepDiagnostics(T, trainer.device)
-        self.nonfinite = torch.zeros(T, 2, device=trainer.device)  # (policy, KL) non-finite tokens per step
+        self.diagnostics = methods.StepDiagnostics(T, ctx.device)
+        self.nonfinite = torch.zeros(T, 2, device=ctx.device)  # (policy, KL) non-finite tokens per step
 
     # ------------------------------------------------------------------ advantages
     def advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor, plan=None):
@@ -105,8 +105,9 @@ class PolicyGradient:
         t, dev = self.cfg.train, self.tr.device
         steps = units.steps[ids]
         k = steps.shape[1]
-        stochastic = units.traj.stds[ids[:, None], steps] > 0
         valid = units.valid[ids]
+        stochastic = (units.traj.stds[ids[:, None].to(units.traj.stds.device), steps.to(units.traj.stds.device)] > 0
+                      ).to(valid.device)
         counts = torch.stack([(valid[:, None] & stochastic).sum().float(), valid.sum().float()]).to(dev)
         num_tokens, num_seqs = self.tr.acc.reduce(counts, "sum").clamp_min(1).unbind()
         fns, starts = [], range(0, len(ids), t.batch_size)
