@@ -39,6 +39,8 @@ from .prompts import KRepeatSampler, read_prompts
 from .reward_api import RewardError, RewardSet, TrainableReward, discriminator_round
 from .rollout import Trajectory, rollout
 from .run import RunDir, tracker_available
+from .evaluator import Evaluator
+from .sampling import image_seed, sample_images
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -91,6 +93,9 @@ class Trainer:
             self.policy.enable_xformers()  # no-op without xformers or off CUDA
         self._setup_trainable()
         self.ctx = TrainContext(cfg, self.policy, self.acc, self.optim, self.reward_fn, self.frozen_reference)
+        self.evaluator = (Evaluator(self.eval_prompts, cfg.eval.num_per_prompt, cfg.eval.seed,
+                                    cfg.eval.num_steps or cfg.sampling.num_steps, cfg.sampling.batch_size,
+                                    self.reward_fn, self.acc) if self.eval_prompts else None)
         self.objective = build_objective(objective_name(cfg), self.ctx)
         self.sampler = KRepeatSampler(len(self.prompts), cfg.sampling.groups_per_epoch, cfg.sampling.group_size,
                                       cfg.seed, self.world, self.rank)
@@ -250,10 +255,14 @@ class Trainer:
         of random training prompts (SDE at ``sampling.noise_level``; the same on every process)."""
         a, s = self.cfg.adversarial, self.cfg.sampling
 
-        def sample(k: int):
+        def sample(k: int):  # the one sampling service, per-image seeds (identical on every process)
             g = torch.Generator().manual_seed(_seed(self.cfg.seed, epoch, k, 13))
             prompts = [self.prompts[i] for i in torch.randint(len(self.prompts), (a.num_samples,), generator=g)]
-            return self.sample_images(prompts, _seed(self.cfg.seed, epoch, k, 17), s.num_steps, s.noise_level), prompts
+            base = _seed(self.cfg.seed, epoch, k, 17)
+            images = sample_images(self.policy, prompts, [image_seed(base, i) for i in range(len(prompts))],
+                                   s.num_steps, s.batch_size, noise_level=s.noise_level, step_kind=s.step_kind,
+                                   autocast=self.autocast)
+            return images, prompts
 
         return discriminator_round(self.adversary, sample, a.steps, a.rule, _seed(self.cfg.seed, epoch, 19))
 
@@ -385,35 +394,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def sample_images(self, prompts: List[str], seed: int, num_steps: int, noise_level: float = 0.0) -> torch.Tensor:
-        """Generate one image per prompt (ODE by default), deterministic in ``seed``; ``[N, 3, H, W]``."""
-        bs = self.cfg.sampling.batch_size
-        images = []
-        for b, start in enumerate(range(0, len(prompts), bs)):
-            chunk = prompts[start:start + bs]
-            gen = torch.Generator(self.device).manual_seed(_seed(seed, b))
-            with self.autocast():
-                traj = rollout(self.policy, self.policy.encode(chunk), chunk, num_steps, noise_level,
-                               self.cfg.sampling.step_kind, generator=gen)
-                images.append(self.policy.decode(traj.final).float().cpu())
-        return torch.cat(images)
-
-    @torch.no_grad()
     def evaluate(self, save_before: bool = False) -> Dict[str, float]:
-        """ODE samples of the eval prompts (this process's share), rewards gathered; ``eval/*`` means."""
+        """ODE samples of the eval prompts through the shared :class:`genalign.evaluator.Evaluator`: image i is
+        seeded ``eval.seed + i`` and drawn by process ``i % world``, so ``eval/*`` is the same for any process
+        count and ``genalign eval --config <run>`` reproduces it on the same weights."""
         e = self.cfg.eval
-        prompts = [p for p in self.eval_prompts for _ in range(e.num_per_prompt)]
-        mine = prompts[self.rank::self.world]
         self.denoiser.eval()
         ctx = self.ema.swapped_in() if (self.ema is not None and e.use_ema and self.global_step) else nullcontext()
         with ctx:
-            images = self.sample_images(mine, _seed(e.seed, self.rank), e.num_steps or self.cfg.sampling.num_steps)
-        total, parts = self.reward_fn(images, mine, [{"eval": True} for _ in mine])
-        # processes may hold different numbers of eval images (a gather needs equal sizes): reduce sums and counts
-        count = self.acc.reduce(torch.tensor(float(len(mine)), device=self.device), "sum")
-        out = {"eval/reward": (self.acc.reduce(total.sum().to(self.device), "sum") / count).item()}
-        for k, v in parts.items():
-            out[f"eval/{k}"] = (self.acc.reduce(v.sum().to(self.device), "sum") / count).item()
+            out, images, mine = self.evaluator.run(self.policy, autocast=self.autocast)
         for hook in self.eval_hooks if self.world == 1 else []:
             out.update(hook(images, mine))
         if save_before:

@@ -200,8 +200,9 @@ def test_cli_eval_reproduces_evaluator_on_saved_lora(tuned, tmp_path):
     assert json.loads((out / "eval.json").read_text())["metrics"] != expected
 
 
-@pytest.mark.xfail(reason="needs trainer integration", strict=False)
-def test_training_eval_is_reproduced_by_genalign_eval(tmp_path):
+@pytest.mark.parametrize("ema", ["false", "true"])
+def test_training_eval_is_reproduced_by_genalign_eval(tmp_path, ema):
+    """final/lora holds the weights of the last evaluation (the EMA weights when train.ema and eval.use_ema)."""
     from genalign.config import load_config
     from genalign.trainer import Trainer
 
@@ -213,7 +214,7 @@ def test_training_eval_is_reproduced_by_genalign_eval(tmp_path):
     prompts_file.write_text("a cat\na dog\na red car\n")
     run = tmp_path / "run"
     overrides = tiny_overrides(sd3_dir, run, str(prompts_file), **{
-        "eval_prompts_file": str(prompts_file), "eval.num_per_prompt": 2, "eval.seed": 9, "train.ema": "false"})
+        "eval_prompts_file": str(prompts_file), "eval.num_per_prompt": 2, "eval.seed": 9, "train.ema": ema})
     Trainer(load_config(None, overrides)).train()
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     logged = {k: v for k, v in rows[-1].items() if k.startswith("eval/")}
