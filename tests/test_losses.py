@@ -473,6 +473,6 @@ def test_dragon_kto_reference_config_and_wiring(monkeypatch):
                 sigmas=torch.rand(4, 2, generator=g), num_steps=2, cond=None)
     labels, local = torch.tensor([1, -1, 1, -1]), torch.arange(4)
     units = DragonUnits(traj, torch.arange(4)[:, None], labels, local)
-    loss, stats = Dragon(ctx).unit_loss(units, torch.arange(4)[:, None], torch.tensor(4.0), seed=3)
+    loss, stats = Dragon(ctx).unit_loss(units, torch.arange(4)[:, None], torch.tensor(4.0), seeds=3)
     loss.backward()
     assert seen and seen[0]["reference"] == "sigmoid" and "dragon/kto_z" in stats and w.grad is not None

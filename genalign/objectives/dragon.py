@@ -47,41 +47,45 @@ class Dragon:
     def minibatches(self, u: DragonUnits, epoch: int, inner: int) -> List[torch.Tensor]:
         gen = torch.Generator().manual_seed(mix_seed(self.cfg.seed, epoch, inner, 11))
         order = torch.randperm(len(u.units), generator=gen)
-        self._epoch, self._inner, self._mb = epoch, inner, 0
+        self._epoch, self._inner = epoch, inner
         return list(torch.tensor_split(order, self.cfg.train.num_minibatches))
 
     def backwards(self, u: DragonUnits, rows: torch.Tensor):
         t, dev = self.cfg.train, self.tr.device
         total = self.tr.acc.reduce(torch.tensor(float(len(rows)), device=dev), "sum").clamp_min(1)
-        mb = getattr(self, "_mb", 0)
-        self._mb = mb + 1
         fns = []
         for start in range(0, len(rows), t.batch_size):
-            micro = u.units[rows[start:start + t.batch_size]]
-            seed = mix_seed(self.cfg.seed, self._epoch, self._inner, mb, start, self.tr.rank)
-            fns.append(self._backward_fn(u, micro, total, seed, 1.0))
+            ids = rows[start:start + t.batch_size]
+            seeds = [mix_seed(self.cfg.seed, self._epoch, self._inner, self.tr.rank, int(i)) for i in ids]
+            fns.append(self._backward_fn(u, u.units[ids], total, seeds, 1.0))
         if not fns:  # no unit on this process: a zero-weighted pass keeps the processes' collectives matched
             fns.append(self._backward_fn(u, torch.zeros(1, 1 if self.cfg.dragon.pairing != "paired" else 2,
-                                                        dtype=torch.long), total, 0, 0.0))
+                                                        dtype=torch.long), total, [0], 0.0))
         return fns
 
-    def _backward_fn(self, u: DragonUnits, micro, total, seed: int, weight: float):
+    def _backward_fn(self, u: DragonUnits, micro, total, seeds, weight: float):
         def run(sync: bool) -> Dict[str, torch.Tensor]:
-            loss, st = self.unit_loss(u, micro, total, seed)
+            loss, st = self.unit_loss(u, micro, total, seeds)
             self.tr.optim.backward(loss * weight if weight != 1.0 else loss, sync)
             return {k: v * weight for k, v in st.items()}
         return run
 
-    def unit_loss(self, u: DragonUnits, micro: torch.Tensor, total, seed: int):
-        """Loss of a micro-batch of units (pairs share noise and timestep) over the global unit count."""
+    def unit_loss(self, u: DragonUnits, micro: torch.Tensor, total, seeds):
+        """Loss of a micro-batch of units over the global unit count. Each unit draws its noise and step from its
+        own seed (``seeds``, one per unit: an int for all), so the micro-batch size does not change the loss;
+        pair members share noise and step."""
         d, dev, tr = self.cfg.dragon, self.tr.device, self.tr
         beta = d.beta if d.beta is not None else DEFAULT_BETA[d.loss]
         rows = micro.T.flatten()  # winners then losers (paired) or the samples
         sub = u.traj.select(rows).to(dev)
-        gen = torch.Generator(dev).manual_seed(seed)
-        noise = torch.randn((len(micro), *sub.final.shape[1:]), generator=gen, device=dev)
-        noise = noise.repeat(micro.shape[1], *[1] * (noise.ndim - 1))  # pair members share noise and step
-        j = torch.randint(sub.num_steps, (len(micro),), generator=gen, device=dev).repeat(micro.shape[1])
+        seeds = [seeds] * len(micro) if isinstance(seeds, int) else seeds
+        noise, steps = [], []
+        for seed in seeds:
+            gen = torch.Generator(dev).manual_seed(seed)
+            noise.append(torch.randn(sub.final.shape[1:], generator=gen, device=dev))
+            steps.append(torch.randint(sub.num_steps, (1,), generator=gen, device=dev))
+        noise = torch.stack(noise).repeat(micro.shape[1], *[1] * (sub.final.ndim - 1))
+        j = torch.cat(steps).repeat(micro.shape[1])
         r = torch.arange(len(rows), device=dev)
         args = (sub.final, noise, sub.timesteps[r, j], sub.sigmas[r, j], sub.cond)
         with tr.autocast():
