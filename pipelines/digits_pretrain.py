@@ -48,7 +48,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from genalign.pipelines.digits import DIGIT_WORDS, DigitsPolicy, PromptEncoder, build_transformer, split_words
+from genalign.pipelines.digits import (DIGIT_WORDS, DigitsPolicy, PromptEncoder, build_transformer, prompt_digit,
+                                      split_words)
 
 SPLIT_RANDOM_STATE = 0
 HELD_OUT_FRACTION = 0.25
@@ -85,17 +86,6 @@ def vocabulary() -> List[str]:
     for t in ALL_TEMPLATES:
         words += [w for w in split_words(t.replace("{w}", "").replace("{n}", "")) if w not in words]
     return words
-
-
-def prompt_digit(prompt: str) -> int:
-    """The digit a prompt asks for: its single digit word or numeral ("a handwritten seven" -> 7)."""
-    found = {DIGIT_WORDS.index(w) if w in DIGIT_WORDS else int(w)
-             for w in split_words(prompt) if w in DIGIT_WORDS or (len(w) == 1 and w.isdigit())}
-    if len(found) != 1:
-        what = "no digit" if not found else f"several digits {sorted(found)}"
-        raise ValueError(f"prompt {prompt!r} names {what}; a digits prompt names exactly one digit 0-9 "
-                         f"(as a word like 'seven' or a numeral like '7')")
-    return found.pop()
 
 
 # ---------------------------------------------------------------------------------------------- data

@@ -311,6 +311,70 @@ def grpo_loss(
     )
 
 
+class TokenUnits(NamedTuple):
+    """One generated batch on the policy's device: ids, masks, advantages, old / reference log-probs, counts."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    prep: GRPOBatch
+    old_logp: torch.Tensor
+    ref_logp: Optional[torch.Tensor]
+    rewards: torch.Tensor
+
+
+class TokenPolicyGradient:
+    """Token-level objectives (GRPO, Dr.GRPO, DAPO, GSPO, HAPO, ... chosen by :class:`GRPOStepConfig`) under the
+    objective protocol of :mod:`genalign.objectives`: ``prepare`` -> units, ``minibatches``, ``backwards`` (one
+    callable per micro-batch, each calling the one optimizer step's ``backward``)."""
+
+    def __init__(self, policy: "CausalLMPolicy", step: OptimizerStep, config: GRPOStepConfig):
+        self.policy, self.step, self.config = policy, step, config
+
+    def prepare(self, batch: Mapping[str, torch.Tensor], rewards, group_ids) -> TokenUnits:
+        config, policy, device = self.config, self.policy, self.policy.device
+        input_ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        response_mask = batch["response_mask"].to(device).bool()
+        rewards = torch.as_tensor(rewards, dtype=torch.float32, device=device)
+        prep = grpo_prepare(rewards, torch.as_tensor(group_ids, device=device), response_mask, config)
+        old_logp = batch.get("old_logp")
+        if old_logp is None:
+            with torch.no_grad():
+                old_logp, _ = policy.token_logprobs(input_ids, attn, response_mask, config.temperature)
+        ref_logp = batch.get("ref_logp")
+        if config.kl_kind is not None and ref_logp is None:
+            raise ValueError(f"kl_kind={config.kl_kind!r} needs batch['ref_logp']")
+        step = self.step
+        if step.distributed and step.acc.num_processes > 1:  # global counts (each process holds whole groups)
+            c = prep.counts
+            total = step.acc.reduce(torch.stack([torch.as_tensor(c["num_tokens"], device=device).float(),
+                                                 torch.tensor(float(c["num_seqs"]), device=device)]), "sum")
+            c["num_tokens"], c["num_seqs"] = total[0].clamp_min(1), total[1].clamp_min(1)
+        return TokenUnits(input_ids, attn, response_mask, prep, old_logp.to(device),
+                          None if ref_logp is None else ref_logp.to(device), rewards)
+
+    def minibatches(self, units: TokenUnits, epoch: int = 0, inner: int = 0) -> List[torch.Tensor]:
+        return [torch.arange(units.input_ids.shape[0])]  # one optimizer step per generated batch
+
+    def backwards(self, units: TokenUnits, rows: torch.Tensor):
+        mb = self.config.micro_batch_size or len(rows)
+        return [self._backward_fn(units, rows[s:s + mb]) for s in range(0, len(rows), mb)]
+
+    def _backward_fn(self, u: TokenUnits, rows: torch.Tensor):
+        config = self.config
+
+        def run(sync: bool) -> Dict[str, torch.Tensor]:
+            logp, entropy = self.policy.token_logprobs(u.input_ids[rows], u.attention_mask[rows], u.response_mask[rows],
+                                                       config.temperature)
+            loss, stats = grpo_loss(logp, u.old_logp[rows], u.prep.advantages[rows], u.prep.mask[rows], u.prep.counts,
+                                    config, ref_logp=None if u.ref_logp is None else u.ref_logp[rows], entropy=entropy)
+            self.step.backward(loss, sync)
+            stats["loss"] = loss.detach()
+            stats["entropy"] = losses.masked_mean(entropy.detach(), u.response_mask[rows])
+            return stats
+        return run
+
+
 def grpo_step(
     policy: CausalLMPolicy,
     optimizer: torch.optim.Optimizer,
@@ -324,56 +388,29 @@ def grpo_step(
 
     batch: output of :meth:`CausalLMPolicy.generate` (or :func:`dynamic_sample`), optionally with ``old_logp``
     ``[B, T]`` (log-probs at sampling time; absent -> recomputed now, i.e. ratio 1) and ``ref_logp`` ``[B, T]``
-    (for the KL term). rewards ``[B]``; group_ids ``[B]``. Advantages, loss mask and global counts from
-    :func:`grpo_prepare`, loss per micro-batch from :func:`grpo_loss`, then the project's one optimizer step
-    (:class:`genalign.optim.OptimizerStep`: clipping, the non-finite check, ``optimizer.step()``). Pass ``step``
-    (an ``OptimizerStep`` built with an accelerator, ``distributed=True``) to train under DDP / FSDP / DeepSpeed
-    with the loss normalised by global counts; by default the step is local to this process. Stats include ``zero_std_frac`` (fraction of samples in zero-variance groups).
+    (for the KL term). rewards ``[B]``; group_ids ``[B]``. The :class:`TokenPolicyGradient` objective (advantages,
+    loss mask and global counts from :func:`grpo_prepare`, loss per micro-batch from :func:`grpo_loss`) runs
+    through the project's one optimizer step (:class:`genalign.optim.OptimizerStep`: clipping, the non-finite
+    check, ``optimizer.step()``), as every diffusion objective does. Pass ``step`` (an ``OptimizerStep`` built with
+    an accelerator, ``distributed=True``) to train under DDP / FSDP / DeepSpeed with the loss normalised by global
+    counts; by default the step is local to this process. Stats include ``zero_std_frac`` (fraction of samples in
+    zero-variance groups).
     """
     config = _as_config(config)
-    device = policy.device
-    input_ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    response_mask = batch["response_mask"].to(device).bool()
-    rewards = torch.as_tensor(rewards, dtype=torch.float32, device=device)
-    prep = grpo_prepare(rewards, torch.as_tensor(group_ids, device=device), response_mask, config)
-    adv, mask = prep.advantages, prep.mask
-    old_logp = batch.get("old_logp")
-    if old_logp is None:
-        with torch.no_grad():
-            old_logp, _ = policy.token_logprobs(input_ids, attn, response_mask, config.temperature)
-    ref_logp = batch.get("ref_logp")
-    if config.kl_kind is not None and ref_logp is None:
-        raise ValueError(f"kl_kind={config.kl_kind!r} needs batch['ref_logp']")
-
-    B = input_ids.shape[0]
-    mb = config.micro_batch_size or B
-    policy.model.train()
     if step is None:
         step = OptimizerStep(None, policy.model, optimizer, max_grad_norm=config.max_grad_norm, distributed=False)
-
-    def backward(sl: slice):
-        def run(sync: bool) -> Dict[str, torch.Tensor]:
-            logp, entropy = policy.token_logprobs(input_ids[sl], attn[sl], response_mask[sl], config.temperature)
-            loss, stats = grpo_loss(logp, old_logp[sl].to(device), adv[sl], mask[sl], prep.counts, config,
-                                    ref_logp=None if ref_logp is None else ref_logp[sl].to(device), entropy=entropy)
-            step.backward(loss, sync)
-            stats["loss"] = loss.detach()
-            stats["entropy"] = losses.masked_mean(entropy.detach(), response_mask[sl])
-            return stats
-        return run
-
-    if step.distributed and step.acc.num_processes > 1:  # global counts (each process holds whole groups)
-        c = prep.counts
-        total = step.acc.reduce(torch.stack([torch.as_tensor(c["num_tokens"], device=device).float(),
-                                             torch.tensor(float(c["num_seqs"]), device=device)]), "sum")
-        c["num_tokens"], c["num_seqs"] = total[0].clamp_min(1), total[1].clamp_min(1)
-    slices = [slice(s, s + mb) for s in range(0, B, mb)]
-    totals, grad_norm = step.run([backward(sl) for sl in slices], where=" in grpo_step: ")
-    n_micro = len(slices)
+    objective = TokenPolicyGradient(policy, step, config)
+    units = objective.prepare(batch, rewards, group_ids)
+    policy.model.train()
+    (rows,) = objective.minibatches(units)
+    fns = objective.backwards(units, rows)
+    totals, grad_norm = step.run(fns, where=" in grpo_step: ")
+    n_micro = len(fns)
     out = {k: float(v) / n_micro for k, v in totals.items()}
     out["loss"] = out["loss"] * n_micro  # micro-batch losses sum to the full-batch loss
-    out.update(grad_norm=float(grad_norm), reward_mean=float(rewards.mean()), adv_abs_mean=float(adv.abs().mean()),
-               zero_std_frac=float(prep.zero_std.float().mean()))
+    out.update(grad_norm=float(grad_norm), reward_mean=float(units.rewards.mean()),
+               adv_abs_mean=float(units.prep.advantages.abs().mean()),
+               zero_std_frac=float(units.prep.zero_std.float().mean()))
     return out
 
 
