@@ -171,7 +171,7 @@ def main(argv=None) -> int:
         meta = {"world_size": acc.num_processes, "distributed_type": str(acc.distributed_type),
                 "backend": dist.get_backend() if dist.is_available() and dist.is_initialized() else None,
                 "device": str(device), "ranks_agree": ranks_agree, "num_threads": torch.get_num_threads(),
-                "simulate_world": args.simulate_world}
+                "simulate_world": args.simulate_world, "wrapper": type(trainer.optim.wrapped).__name__}
         with open(args.out + ".json", "w") as fh:
             json.dump(meta, fh)
     acc.wait_for_everyone()

@@ -8,7 +8,8 @@ rank 0's slice with rank 0's seeds and then for rank 1's slice with rank 1's see
 order (the order ``Accelerator.gather`` uses), and then computes advantages over the whole batch and one optimizer
 step over all 8 samples in a single process (world size 1: no gather, no all-reduce). The 2-process run
 (``torchrun --nproc_per_node 2``) gathers rewards, computes advantages from the gathered rewards on every
-process, normalises the loss by the all-reduced token count and all-reduces the gradients.
+process, normalises the loss by the all-reduced token count, and accelerate's DDP wrapper synchronises the
+gradients (the loss is scaled by the process count, since DDP averages).
 
 Checked: the trajectories (old log-probs, final latents), rewards and advantages are bitwise identical; the
 global loss, the summed gradients and the gradient norm agree to float32 round-off, and so do the weights after
@@ -101,6 +102,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(sd3_dir, tmp_p
     b, meta_b = _load(two_out)
     assert meta_a["world_size"] == 1 and meta_a["simulate_world"] == 2
     assert meta_b["world_size"] == 2 and meta_b["backend"] == "gloo" and "MULTI_CPU" in meta_b["distributed_type"]
+    assert meta_b["wrapper"] == "DistributedDataParallel"  # accelerate's DDP, no hand-written all-reduce
     assert meta_b["ranks_agree"], "the two ranks hold different weights after the step"
     assert set(a) == set(b)
 
