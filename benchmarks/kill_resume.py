@@ -37,7 +37,7 @@ def _overrides(out_dir: str, epochs: int) -> List[str]:
 def _command(out_dir: str, epochs: int, resume: bool) -> List[str]:
     cmd = [sys.executable, "-m", "genalign.cli", "train", os.path.join(ROOT, "configs", "digits.yaml"),
            *_overrides(out_dir, epochs)]
-    return cmd + (["--resume", "latest"] if resume else [])
+    return cmd + (["--resume", "latest"] if resume else ["--overwrite"])  # restart from scratch: a used directory
 
 
 def _env() -> Dict[str, str]:
@@ -102,7 +102,7 @@ def run_once(out_dir: str, epochs: int, resume: bool, kill_at: Optional[tuple], 
 def final_state(out_dir: str):
     from safetensors.torch import load_file
 
-    weights = load_file(os.path.join(out_dir, "final", "lora_raw", "adapter_model.safetensors"))
+    weights = load_file(os.path.join(out_dir, "final", "lora", "adapter_model.safetensors"))
     with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
         rows = [{k: v for k, v in json.loads(line).items() if not k.startswith(TIMING_KEYS)} for line in fh]
     return weights, rows

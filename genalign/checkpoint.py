@@ -4,6 +4,12 @@ Layout under ``<run>/checkpoints/``: ``checkpoint-<step>/`` (accelerate state, L
 ``COMPLETE`` marker written last) and ``latest`` (a text file naming the newest complete checkpoint).
 A checkpoint without its marker is partial (the process died while writing) and is skipped with a
 warning, so resuming falls back to the previous one.
+
+Checkpoints belong to one run: ``trainer_state.json`` records the run id (``<run>/run.json``), and resuming
+refuses a checkpoint whose run id differs from the one of the output directory (README, "Run directories,
+checkpoints and EMA"). When to save: every ``checkpoint.every`` epochs, after ``checkpoint.every_minutes``
+since the last save (decided by the main process and broadcast, so every process takes part in the
+collective save), and at the end.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import glob
 import json
 import os
 import shutil
+import time
 import warnings
 from typing import Callable, List, Optional
 
@@ -109,6 +116,29 @@ class Checkpointer:
     def __init__(self, trainer):
         self.tr = trainer
         self.root = os.path.join(trainer.cfg.output_dir, "checkpoints")
+        self.last_save = time.monotonic()
+
+    def start_clock(self) -> None:
+        """Start counting ``checkpoint.every_minutes`` (the start of training)."""
+        self.last_save = time.monotonic()
+
+    def due(self, epoch: int, last: bool) -> bool:
+        """Whether to save after ``epoch`` (1-based, completed): at the end, every ``checkpoint.every`` epochs, or
+        when ``checkpoint.every_minutes`` passed since the last save. The time is the main process's and is
+        broadcast, so every process reaches the same decision (:meth:`save` is collective)."""
+        c = self.tr.cfg.checkpoint
+        if last or (c.every and epoch % c.every == 0):
+            return True
+        if not c.every_minutes:
+            return False
+        late = time.monotonic() - self.last_save >= c.every_minutes * 60
+        if self.tr.acc.num_processes > 1:
+            import torch
+            from accelerate.utils import broadcast
+
+            flag = broadcast(torch.tensor([int(late)], device=self.tr.acc.device), from_process=0)
+            late = bool(flag.item())
+        return late
 
     def latest(self) -> Optional[str]:
         return latest_checkpoint(self.root)
@@ -134,10 +164,18 @@ class Checkpointer:
                 shadow = tr.ema.state_dict()["shadow"]
                 save_file({str(i): s.contiguous() for i, s in enumerate(shadow)}, os.path.join(tmp, "ema.safetensors"))
             with open(os.path.join(tmp, "trainer_state.json"), "w") as fh:
-                json.dump({**tr.counters(), "ema_updates": tr.ema.num_updates if tr.ema else 0}, fh)
+                json.dump({**tr.counters(), "ema_updates": tr.ema.num_updates if tr.ema else 0,
+                           "run_id": tr.run_id}, fh)
             path = publish_checkpoint(self.root, step, tmp, tr.cfg.checkpoint.keep_last)
         tr.acc.wait_for_everyone()
+        self.last_save = time.monotonic()
         return path
+
+    @staticmethod
+    def run_id_of(path: str) -> Optional[str]:
+        """The run id recorded in checkpoint ``path`` (None for checkpoints written before run ids existed)."""
+        with open(os.path.join(path, "trainer_state.json")) as fh:
+            return json.load(fh).get("run_id")
 
     def load(self, path: str) -> int:
         """Restore ``path`` into the trainer; returns the epoch it resumes from."""
@@ -146,9 +184,16 @@ class Checkpointer:
         from .config import ConfigError, to_dict
         from .run import config_diff
 
+        from .run import read_run_id
+
         tr = self.tr
         with open(os.path.join(path, "trainer_state.json")) as fh:
             state = json.load(fh)
+        mine, theirs = read_run_id(tr.cfg.output_dir), state.get("run_id")
+        if mine and theirs and mine != theirs:
+            raise CheckpointError(f"cannot resume from {path}: it belongs to run {theirs}, but output_dir "
+                                  f"{tr.cfg.output_dir!r} holds run {mine}; resume into a new output_dir")
+        tr.run_id = theirs or mine or tr.run_id
         diff = config_diff(state["config"], to_dict(tr.cfg))
         if diff:
             raise ConfigError(f"cannot resume from {path}: the config differs in {diff} "
@@ -168,6 +213,7 @@ class Checkpointer:
         """Where a failed run can continue from: the newest complete checkpoint, or that none exists."""
         path = self.latest()
         if path is None:
-            return ("no checkpoint exists yet, so the run restarts from scratch (checkpoint.every = "
-                    f"{self.tr.cfg.checkpoint.every}; set it > 0 to save during training)")
+            c = self.tr.cfg.checkpoint
+            return ("no checkpoint exists yet, so the run restarts from scratch with --overwrite (checkpoint.every "
+                    f"= {c.every} epochs, checkpoint.every_minutes = {c.every_minutes}; lower them to save more often)")
         return f"resume from {path} with --resume latest"

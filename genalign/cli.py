@@ -11,22 +11,89 @@ from typing import List, Optional
 
 def _cmd_train(args) -> int:
     from .config import load_config
-    from .trainer import train
+    from .trainer import Trainer
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not os.path.isfile(config):  # only overrides, no config file
         config, overrides = None, [config] + overrides
     cfg = load_config(config, overrides)
-    metrics = train(cfg, resume=args.resume)
-    summary = {k: v for k, v in metrics.items() if k.startswith(("eval/", "reward/mean", "epoch", "samples_seen"))}
-    print(json.dumps(summary, indent=1))
+    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    metrics = trainer.train()
+    if trainer.is_main:  # other processes return no metrics: print nothing there
+        summary = {k: v for k, v in metrics.items() if k.startswith(("eval/", "reward/mean", "epoch", "samples_seen"))}
+        print(json.dumps(summary, indent=1))
     return 0
 
 
-def _cmd_config(args) -> int:
-    from .config import describe
+DRY_RUN_PROCESSES = (1, 2, 4, 8)
+"""Process counts whose batch arithmetic ``genalign config CONFIG`` prints."""
 
-    print("\n".join(describe()))
+
+def _check_config_files(cfg) -> List[str]:
+    """Dry-run checks that load nothing: the prompt files are read (``digits:`` / ``prompts:`` assets resolved),
+    each reward is a registered name or an existing ``file.py:function`` script (not imported: that would run
+    it). Returns the '# ...' summary lines."""
+    from .prompts import read_prompts
+    from .reward_api import available_rewards
+
+    lines = [f"# prompts_file: {len(read_prompts(cfg.prompts_file))} prompts"]
+    if cfg.eval_prompts_file:
+        lines.append(f"# eval_prompts_file: {len(read_prompts(cfg.eval_prompts_file))} prompts")
+    names = list(cfg.reward) if isinstance(cfg.reward, dict) else [cfg.reward]
+    for name in names:
+        if not isinstance(name, str):
+            continue
+        if ".py:" in name:
+            if not os.path.isfile(name.split(".py:", 1)[0] + ".py"):
+                raise FileNotFoundError(f"reward script of {name!r} does not exist")
+        elif name not in available_rewards():
+            raise ValueError(f"unknown reward {name!r}; registered rewards: {available_rewards()} "
+                             f"(or give 'path/to/file.py:function')")
+    return lines
+
+
+def _batch_arithmetic(cfg) -> List[str]:
+    """The derived batch arithmetic (module docstring of :mod:`genalign.config`) for DRY_RUN_PROCESSES, as
+    '# ...' lines; a process count the config does not divide is marked invalid with the reason."""
+    from .config import ConfigError
+
+    s, t, n = cfg.sampling, cfg.train, cfg.samples_per_epoch
+    lines = [f"# batch arithmetic: {s.groups_per_epoch} groups x {s.group_size} images = {n} samples per epoch; "
+             f"{t.num_minibatches} minibatches x {t.num_inner_epochs} inner epochs = "
+             f"{t.num_minibatches * t.num_inner_epochs} optimizer steps per epoch",
+             "# processes | valid | samples per process | rollout batches per process | optimizer steps per epoch "
+             "| micro-batches per optimizer step (per process)"]
+    for ws in DRY_RUN_PROCESSES:
+        try:
+            cfg.validate(ws)
+        except ConfigError as exc:
+            lines.append(f"# {ws} | no: {exc}")
+            continue
+        lines.append(f"# {ws} | yes | {n // ws} | {n // (ws * s.batch_size)} x {s.batch_size} | "
+                     f"{t.num_minibatches * t.num_inner_epochs} | "
+                     f"{n // (t.num_minibatches * ws * t.batch_size)} x {t.batch_size}")
+    return lines
+
+
+def _cmd_config(args) -> int:
+    """``genalign config``: every key with its default and documentation. ``genalign config CONFIG [key=value
+    ...]``: a dry run that loads no model: the merged config, validated for one process, as YAML, then (as
+    YAML comments) the prompt counts and the batch arithmetic for 1, 2, 4 and 8 processes."""
+    import yaml
+
+    from .config import describe, load_config, to_dict
+
+    config, overrides = args.config, list(args.overrides)
+    if config is None and not overrides:
+        print("\n".join(describe()))
+        return 0
+    if config is not None and "=" in config and not os.path.isfile(config):  # only overrides, no config file
+        config, overrides = None, [config] + overrides
+    cfg = load_config(config, overrides)
+    cfg.validate(1)
+    notes = _check_config_files(cfg)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None).rstrip())
+    print("\n".join(notes + _batch_arithmetic(cfg)))
     return 0
 
 
@@ -44,7 +111,8 @@ def _cmd_sample(args) -> int:
 
     prompts = _prompts(args)
     out = sample_to_dir(args.model, prompts, args.num_per_prompt, args.seed, args.out, args.lora, args.steps,
-                        args.guidance_scale, args.batch_size, args.device, rlg=args.rlg)
+                        args.guidance_scale, args.batch_size, args.device, rlg=args.rlg, dtype=args.dtype,
+                        **_size_kwargs(args))
     print(f"wrote {len(prompts) * args.num_per_prompt} images and manifest.jsonl to {out}")
     return 0
 
@@ -59,7 +127,8 @@ def _cmd_grid(args) -> int:
     from .grid import make_grid
 
     data = make_grid(args.model, _prompts(args), args.seeds, args.out, args.lora, args.rewards, args.rlg, args.steps,
-                     args.guidance_scale, args.device, args.batch_size)
+                     args.guidance_scale, args.device, args.batch_size, dtype=args.dtype,
+                     reward_options=args.reward_options, **_size_kwargs(args))
     html_path = os.path.splitext(args.out)[0] + ".html"
     print(f"wrote {len(data.rows)} rows x {len(data.columns)} columns "
           f"({', '.join(c.label for c in data.columns)}) to {args.out} and {html_path}")
@@ -79,7 +148,9 @@ def eval_settings(args) -> dict:
     """``genalign eval``'s settings: each flag given, else the ``--config`` run's value (the evaluation of a
     training run: ``eval_prompts_file``, ``eval.num_per_prompt``, ``eval.seed``, ``eval.num_steps`` or
     ``sampling.num_steps``, ``sampling.batch_size``, ``reward`` and ``reward_options``, ``model.*`` and
-    ``mixed_precision``), else the defaults (digits, 8 per prompt, seed 0, the model's steps, batch 32)."""
+    ``mixed_precision``), else the defaults (the LoRA's base model from its ``base_model.json``, else digits;
+    8 per prompt, seed 0, the model's steps, batch 32). ``--reward-options`` replaces the run's
+    ``reward_options``; ``--height`` / ``--width`` / ``--dtype`` override ``model.*``."""
     from .prompts import read_prompts
 
     cfg = _run_config(args.config) if args.config else None
@@ -98,18 +169,21 @@ def eval_settings(args) -> dict:
     if not rewards:
         raise SystemExit("genalign eval: give --rewards NAME ... or --config RUN/config.json")
     m = cfg.model if cfg is not None else None
+    reward_options = args.reward_options
+    if reward_options is None:
+        reward_options = cfg.reward_options if cfg is not None and not args.rewards else None
     return {
-        "model": pick(args.model, lambda: m.id, "digits"), "prompts": prompts, "rewards": rewards,
-        "reward_options": cfg.reward_options if cfg is not None and not args.rewards else None,
+        "model": pick(args.model, lambda: m.id, None), "prompts": prompts, "rewards": rewards,
+        "reward_options": reward_options,
         "num_per_prompt": pick(args.num_per_prompt, lambda: cfg.eval.num_per_prompt, 8),
         "seed": pick(args.seed, lambda: cfg.eval.seed, 0),
         "num_steps": pick(args.steps, lambda: cfg.eval.num_steps or cfg.sampling.num_steps, None),
         "guidance_scale": pick(args.guidance_scale, lambda: m.guidance_scale, None),
         "device": pick(args.device, lambda: m.device, None),
         "batch_size": pick(args.batch_size, lambda: cfg.sampling.batch_size, 32),
-        "dtype": m.dtype if m is not None else None,
+        "dtype": args.dtype or (m.dtype if m is not None else None),
         "mixed_precision": cfg.mixed_precision if cfg is not None else "no",
-        "model_kwargs": {k: v for k, v in (("height", m.height), ("width", m.width)) if v} if m is not None else {},
+        "model_kwargs": {**(m.policy_kwargs() if m is not None else {}), **_size_kwargs(args)},
     }
 
 
@@ -146,8 +220,35 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+def _size_kwargs(args) -> dict:
+    """``{"height": ..., "width": ...}`` for the flags given."""
+    return {k: getattr(args, k) for k in ("height", "width") if getattr(args, k, None)}
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{reward: {{option: value}}}}, got {text!r}")
+    return value
+
+
+def _add_reward_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reward-options", type=_json_object, default=None, metavar="JSON",
+                   help="per-reward options as the config key reward_options, e.g. "
+                        "'{\"pickscore\": {\"device\": \"cuda\"}}'")
+
+
 def _add_model_args(p: argparse.ArgumentParser, prompt_help: str = "a prompt (repeatable)") -> None:
-    p.add_argument("--model", default="digits", help="'digits', a hub id or a local diffusers directory")
+    p.add_argument("--model", default=None,
+                   help="'digits', a hub id or a local diffusers directory (default: the base model in the "
+                        "LoRA's base_model.json, else digits)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights dtype of the model (LoRA weights stay float32; default: the model's as loaded)")
     p.add_argument("--prompts-file", default=None, help="one prompt per line ('digits:NAME' = a shipped list)")
     p.add_argument("--prompt", action="append", default=[], help=prompt_help)
     p.add_argument("--steps", type=int, default=None, help="ODE steps (default: the model's)")
@@ -158,12 +259,17 @@ def _add_model_args(p: argparse.ArgumentParser, prompt_help: str = "a prompt (re
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genalign", description="Align diffusion / flow image generators with rewards.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of known errors (otherwise one line: genalign CMD: error: ...)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="align a model: genalign train CONFIG [key=value ...]")
     p.add_argument("config", nargs="?", default=None, help="YAML config (e.g. configs/digits.yaml); omitted = defaults")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 reward=my.py:score")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an output_dir that holds a previous run, deleting its metrics, "
+                        "checkpoints and final weights (without it, or --resume, such a directory is refused)")
     p.set_defaults(func=_cmd_train)
 
     lora_help = "a LoRA directory, a checkpoint or a run directory"
@@ -185,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rlg", type=float, nargs="*", default=[], metavar="W",
                    help="RLG strengths: one extra column per LoRA and strength")
     p.add_argument("--out", required=True, help="grid PNG; the HTML page goes next to it (same basename)")
+    _add_reward_options(p)
     p.set_defaults(func=_cmd_grid)
 
     p = sub.add_parser("eval", help="reward means, bootstrap CIs and paired win rates (eval.json, eval.md)")
@@ -204,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None,
                    help="image i uses seed SEED + i, checkpoint and baseline alike (default 0, or eval.seed)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (fixed seed 0)")
+    _add_reward_options(p)
     p.add_argument("--out", required=True, help="directory for eval.json and eval.md")
     p.set_defaults(model=None, batch_size=None)  # resolved by eval_settings (flag, else --config, else default)
     p.set_defaults(func=_cmd_eval)
@@ -218,30 +326,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER, help="--out DIR [--seed S]")
     p.set_defaults(func=_cmd_pretrain_digits)
 
-    p = sub.add_parser("config", help="list every config key with its default and documentation")
+    p = sub.add_parser("config", help="list every config key (no CONFIG), or dry-run CONFIG: the merged, validated "
+                                      "config and its batch arithmetic for 1, 2, 4, 8 processes (loads no model)")
+    p.add_argument("config", nargs="?", default=None, help="YAML config to dry-run; omitted = list every key")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sampling.batch_size=8")
     p.set_defaults(func=_cmd_config)
 
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def _known_errors():
+    """``(input errors -> exit 2, run errors -> exit 1)``: errors whose message says what to do, printed as
+    one line; anything else is a bug and keeps its traceback."""
+    from .checkpoint import CheckpointError
     from .config import ConfigError
+    from .optim import NonFiniteError
+    from .plugins import PluginError
+    from .policy import ModelNotAvailableError
+    from .reward_api import RewardError
 
+    return ((ConfigError, FileNotFoundError, ValueError, ModelNotAvailableError, PluginError),
+            (CheckpointError, RewardError, NonFiniteError))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """The ``genalign`` command. Known errors (a bad config, a missing model or file, no checkpoint to resume,
+    a failing reward, a non-finite loss) print one line ``genalign CMD: error: ...`` and exit 2 (bad input) or
+    1 (the run failed); ``genalign --debug CMD ...`` shows their traceback instead."""
     args = build_parser().parse_args(argv)
+    bad_input, failed = _known_errors()
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"genalign {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:  # a failing reward or a non-finite loss: the message says what to do next
-        from .reward_api import RewardError
-
-        from .trainer import NonFiniteError
-
-        if not isinstance(exc, (RewardError, NonFiniteError)):
+    except (*bad_input, *failed) as exc:
+        if args.debug:
             raise
         print(f"genalign {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, bad_input) and not isinstance(exc, failed) else 1
 
 
 if __name__ == "__main__":

@@ -70,6 +70,20 @@ class ModelConfig:
     """Use xformers attention in the denoiser when xformers is installed and the device is CUDA (else PyTorch SDPA)."""
     decode_batch_size: Optional[int] = None
     """VAE-decode at most this many latents at once (lower peak memory at large batches); None = whole batch."""
+    drop_t5: bool = False
+    """SD3 / SD3.5: run without the T5-XXL text encoder (not loaded: about 9.5 GB less in bf16); diffusers fills
+    the T5 part of the prompt embeddings with zeros. Sample and evaluate such a LoRA the same way."""
+    offload_text_encoders: bool = False
+    """Keep the text encoders on the CPU, moved to the device only while prompts are encoded (diffusers models)."""
+    cache_prompt_embeds: bool = False
+    """Encode each distinct prompt once and reuse its embeddings, kept on the CPU (diffusers models); training
+    prompts repeat every epoch."""
+
+    def policy_kwargs(self) -> Dict[str, Any]:
+        """The adapter keyword arguments set here (``height``, ``width``, ``drop_t5``, ``offload_text_encoders``,
+        ``cache_prompt_embeds``), only those given or switched on, for ``load_policy(id, **kwargs)``."""
+        names = ("height", "width", "drop_t5", "offload_text_encoders", "cache_prompt_embeds")
+        return {k: getattr(self, k) for k in names if getattr(self, k)}
 
 
 @dataclass
@@ -126,6 +140,9 @@ class LoraConfig:
 
 @dataclass
 class TrainConfig:
+    optimizer: str = "adamw"
+    """'adamw' (torch, fused on CUDA) or 'adamw8bit' (bitsandbytes' 8-bit AdamW, Dettmers et al. 2022,
+    arXiv 2110.02861: optimizer state in 8 bits, about 75% less optimizer memory; pip install 'genalign[bnb]')."""
     lr: float = 3e-4
     """AdamW learning rate."""
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -220,8 +237,11 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0
-    """Save a checkpoint every this many epochs (0: only at the end)."""
+    every: int = 10
+    """Save a checkpoint every this many epochs (0: only by time and at the end)."""
+    every_minutes: float = 30.0
+    """Also save when this many minutes passed since the last checkpoint (checked after each epoch, decided by
+    the main process; 0 disables), so a crash loses at most about this much work."""
     keep_last: int = 2
     """Checkpoints kept on disk."""
 
@@ -278,9 +298,11 @@ class Config:
     reward_options: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     """Keyword options per registered reward name, e.g. {digit_correct: {model_dir: digits}}."""
     prompts_file: str = "digits:prompts_train.txt"
-    """Training prompts, one per line ('digits:NAME' = a file of the shipped digits assets)."""
+    """Training prompts, one per line ('digits:NAME' = a file of the shipped digits assets, 'prompts:NAME' = a
+    shipped prompt set of genalign.assets/prompts)."""
     eval_prompts_file: Optional[str] = "digits:prompts_eval.txt"
-    """Evaluation prompts, one per line; None disables evaluation."""
+    """Evaluation prompts, one per line; None disables evaluation. A model other than digits must not use a
+    'digits:' file (refused at validation); 'prompts:NAME' = a shipped prompt set (genalign.assets/prompts)."""
     mixed_precision: str = "no"
     """accelerate mixed precision: no, bf16 or fp16 (step math stays float32)."""
     log_with: List[str] = field(default_factory=list)
@@ -312,6 +334,11 @@ class Config:
         _choice("mixed_precision", self.mixed_precision, ["no", "bf16", "fp16"])
         _choice("train.advantage_std", t.advantage_std, ["group", "batch", "none"])
         _choice("train.kl_form", t.kl_form, ["exact", "flow_grpo"])
+        _choice("train.optimizer", t.optimizer, ["adamw", "adamw8bit"])
+        text_options = [k for k in ("drop_t5", "offload_text_encoders", "cache_prompt_embeds") if getattr(self.model, k)]
+        if text_options and self.model.id == "digits":
+            raise ConfigError(f"model.{text_options[0]} applies to diffusers text-to-image models (SD3 / Flux / SD); "
+                              f"the digits model has no text encoders to drop, offload or cache")
         self._validate_estimators()
         for key, val, lo in [("sampling.num_steps", s.num_steps, 1), ("sampling.groups_per_epoch", s.groups_per_epoch, 1),
                              ("sampling.batch_size", s.batch_size, 1), ("train.batch_size", t.batch_size, 1),
@@ -337,17 +364,50 @@ class Config:
                                                             "noise_aware_released_flux", "noise_aware_released_qwenimage"])
         self._validate_deterministic_steps()
         self._validate_method()
+        self._validate_eval_prompts()
         n = self.samples_per_epoch
+
+        def nearest(key: str, current: int, ok) -> str:
+            """'use KEY a or b': the valid values of KEY (ok(v) true) nearest below and above ``current``."""
+            below = next((v for v in range(min(current, n), 0, -1) if ok(v)), None)
+            above = next((v for v in range(current + 1, 4 * max(n, current) + 1) if ok(v)), None)
+            picks = [str(v) for v in (below, above) if v is not None and v != current]
+            return f"use {key} {' or '.join(picks)}" if picks else ""
+
         if n % (world_size * s.batch_size):
+            hint = nearest("sampling.batch_size", s.batch_size, lambda b: n % (world_size * b) == 0)
+            if not hint:  # no rollout batch fits: the samples per epoch must change
+                hint = nearest("sampling.groups_per_epoch", s.groups_per_epoch,
+                               lambda g: (g * s.group_size) % (world_size * s.batch_size) == 0)
             raise ConfigError(
                 f"samples per epoch (sampling.groups_per_epoch * sampling.group_size = {n}) must be divisible by "
-                f"world_size * sampling.batch_size = {world_size} * {s.batch_size}")
+                f"world_size * sampling.batch_size = {world_size} * {s.batch_size}" + (f"; {hint}" if hint else ""))
         per_step = n // t.num_minibatches
         if n % t.num_minibatches or per_step % (world_size * t.batch_size):
+            hints = [h for h in (
+                nearest("train.batch_size", t.batch_size,
+                        lambda b: n % t.num_minibatches == 0 and per_step % (world_size * b) == 0),
+                nearest("train.num_minibatches", t.num_minibatches,
+                        lambda m: n % m == 0 and (n // m) % (world_size * t.batch_size) == 0)) if h]
             raise ConfigError(
                 f"samples per epoch ({n}) must split into train.num_minibatches = {t.num_minibatches} optimizer steps "
                 f"whose samples ({n / t.num_minibatches:g}) are divisible by world_size * train.batch_size = "
-                f"{world_size} * {t.batch_size}")
+                f"{world_size} * {t.batch_size}" + (f"; {', or '.join(hints)}" if hints else ""))
+
+    def _validate_eval_prompts(self) -> None:
+        """A model other than the shipped digits one ('digits' or a directory with the digits ``policy.json``)
+        must not evaluate on a ``digits:`` prompt file (the default ``eval_prompts_file``): an SD3 / Flux run
+        would silently report scores on digit prompts. Set ``eval_prompts_file`` to the task's prompts (e.g.
+        ``prompts:pickscore_eval.txt``, see README "Real models") or null to disable evaluation."""
+        import os
+
+        m, f = self.model.id, self.eval_prompts_file
+        digits_model = m == "digits" or os.path.isfile(os.path.join(m, "policy.json"))
+        if f is not None and f.startswith("digits:") and not digits_model:
+            raise ConfigError(
+                f"eval_prompts_file = {f!r} is a digits prompt file but model.id = {m!r} is not the digits model: "
+                f"set eval_prompts_file to this task's evaluation prompts (e.g. prompts:pickscore_eval.txt) or to "
+                f"null to disable evaluation")
 
 
     def method_spec(self) -> "MethodSpec":

@@ -20,7 +20,7 @@ import torch
 
 from .evaluator import Evaluator
 from .sampling import (Variant, default_steps, display_parts, load_policy_with_loras, mixed_precision_autocast,
-                       use_variant)
+                       resolve_model, use_variant)
 
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
@@ -79,7 +79,7 @@ def summarize(prompts: Sequence[str], num_per_prompt: int, scores: Dict[str, np.
     return out
 
 
-def evaluate(model: str, prompts: Sequence[str], rewards, num_per_prompt: int = 8, seed: int = 0,
+def evaluate(model: Optional[str], prompts: Sequence[str], rewards, num_per_prompt: int = 8, seed: int = 0,
              lora: Optional[str] = None, baseline: Optional[str] = None, num_steps: Optional[int] = None,
              guidance_scale: Optional[float] = None, device: Optional[str] = None, batch_size: int = 32,
              resamples: int = BOOTSTRAP_RESAMPLES, bootstrap_seed: int = BOOTSTRAP_SEED, *,
@@ -88,9 +88,11 @@ def evaluate(model: str, prompts: Sequence[str], rewards, num_per_prompt: int = 
              config: Optional[str] = None) -> dict:
     """Evaluate ``model`` (+ ``lora``) against ``baseline`` (``"base"``, a LoRA path, or None).
 
+    model: a model id or directory; None = the base model recorded in the LoRA's ``base_model.json``
+    (:func:`genalign.sampling.resolve_model`).
     rewards: reward specs (weight 1 each) or a mapping ``{spec: weight}`` (a run's ``reward``), with
-    ``reward_options`` as in the config. dtype, model_kwargs (``height``, ``width``), mixed_precision: as the
-    config keys ``model.dtype``, ``model.*`` and ``mixed_precision``. accelerator: for several processes
+    ``reward_options`` as in the config. dtype, model_kwargs (``height``, ``width``, ``drop_t5``, ...),
+    mixed_precision: as the config keys ``model.dtype``, ``model.*`` and ``mixed_precision``. accelerator: for several processes
     (see :class:`genalign.evaluator.Evaluator`). config: the config file the settings came from (recorded).
 
     Returns the ``eval.json`` dict: ``model``, ``checkpoint`` (LoRA path or null = base), ``baseline``,
@@ -110,6 +112,7 @@ def evaluate(model: str, prompts: Sequence[str], rewards, num_per_prompt: int = 
     baseline_lora = baseline if baseline not in (None, "base") else None
     loras = [p for p in (lora, baseline_lora) if p]
     names = [n for n, p in (("checkpoint", lora), ("baseline", baseline_lora)) if p]
+    model = resolve_model(model, loras)
     policy, _ = load_policy_with_loras(model, loras, guidance_scale, device, names=names, dtype=dtype,
                                        **(model_kwargs or {}))
     reward_set = RewardSet(weights, reward_options, device=str(policy.device))

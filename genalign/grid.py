@@ -194,18 +194,23 @@ def write_html(data: GridData, path: str) -> str:
     return path
 
 
-def make_grid(model: str, prompts: Sequence[str], seeds: Sequence[int], out: str, loras: Sequence[str] = (),
+def make_grid(model: Optional[str], prompts: Sequence[str], seeds: Sequence[int], out: str, loras: Sequence[str] = (),
               rewards: Sequence[str] = (), rlg: Sequence[float] = (), num_steps: Optional[int] = None,
-              guidance_scale: Optional[float] = None, device: Optional[str] = None, batch_size: int = 32) -> GridData:
-    """Load ``model`` with each LoRA as its own adapter, sample the grid, write ``out`` (PNG) and the HTML page."""
+              guidance_scale: Optional[float] = None, device: Optional[str] = None, batch_size: int = 32, *,
+              dtype: Optional[str] = None, reward_options: Optional[Dict[str, dict]] = None,
+              **model_kwargs) -> GridData:
+    """Load ``model`` (None: the LoRAs' base model) with each LoRA as its own adapter, sample the grid, write
+    ``out`` (PNG) and the HTML page. ``dtype``, ``model_kwargs`` (``height``, ``width``, ...): see
+    :func:`genalign.sampling.load_policy_with_loras`; ``reward_options``: ``{reward: {option: value}}`` as
+    the config key ``reward_options``."""
     if rlg and not loras:
         raise ValueError("--rlg needs at least one --lora: RLG mixes the base model with a fine-tuned LoRA")
-    policy, names = load_policy_with_loras(model, loras, guidance_scale, device)
+    policy, names = load_policy_with_loras(model, loras, guidance_scale, device, dtype=dtype, **model_kwargs)
     reward_set = None
     if rewards:
         from .reward_api import RewardSet
 
-        reward_set = RewardSet({r: 1.0 for r in rewards})
+        reward_set = RewardSet({r: 1.0 for r in rewards}, reward_options, device=str(policy.device))
     data = compute_grid(policy, prompts, seeds, build_columns(loras, names, rlg), num_steps, reward_set, batch_size)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     render_grid(data, out)

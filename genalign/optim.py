@@ -146,6 +146,35 @@ class OptimizerStep:
         return sums, self.step(where)
 
 
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], train_cfg, device=None) -> torch.optim.Optimizer:
+    """The optimizer ``train.optimizer`` names, on ``params`` with ``train.lr``, ``betas``, ``weight_decay`` and
+    ``adam_eps``: ``adamw`` = ``torch.optim.AdamW`` (decoupled weight decay, Loshchilov & Hutter, arXiv
+    1711.05101; ``fused=True`` on CUDA), ``adamw8bit`` = ``bitsandbytes.optim.AdamW8bit`` (block-wise 8-bit
+    optimizer state, Dettmers et al., arXiv 2110.02861; needs the optional extra ``genalign[bnb]`` and, for
+    bitsandbytes' kernels, usually CUDA). Raises :class:`genalign.config.ConfigError` for another name or when
+    bitsandbytes is missing."""
+    from .config import ConfigError
+
+    params = list(params)
+    name = getattr(train_cfg, "optimizer", "adamw")
+    kwargs = dict(lr=train_cfg.lr, betas=tuple(train_cfg.betas), weight_decay=train_cfg.weight_decay,
+                  eps=train_cfg.adam_eps)
+    if name == "adamw":
+        fused = {"fused": True} if device is not None and torch.device(device).type == "cuda" else {}
+        return torch.optim.AdamW(params, **kwargs, **fused)
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError as exc:
+            raise ConfigError("train.optimizer=adamw8bit needs bitsandbytes: pip install 'genalign[bnb]' "
+                              f"(or pip install bitsandbytes), or use train.optimizer=adamw ({exc})") from None
+        return bitsandbytes.optim.AdamW8bit(params, **kwargs)
+    raise ConfigError(f"train.optimizer must be one of {list(OPTIMIZERS)}, got {name!r}")
+
+
 def save_state_hooks(accelerator) -> None:
     """Keep prepared models out of ``accelerator.save_state`` / ``load_state``: the trainer saves the trainable
     weights itself (LoRA adapters or the trainable parameters), so a checkpoint never holds a second copy of a
@@ -160,4 +189,4 @@ def save_state_hooks(accelerator) -> None:
     accelerator.register_load_state_pre_hook(on_load)
 
 
-__all__ = ["NonFiniteError", "OptimizerStep", "route_forward", "save_state_hooks"]
+__all__ = ["NonFiniteError", "OptimizerStep", "build_optimizer", "route_forward", "save_state_hooks"]

@@ -149,6 +149,35 @@ def _claimed(adapters: Dict[str, type], path_or_id: str) -> Optional[type]:
     return None
 
 
+def _looks_like_hub_id(model_id: str) -> bool:
+    """``owner/name`` (one slash, not a path starting with '.', '/' or '~'), as :func:`genalign.policy.resolve_pretrained` reads it."""
+    return model_id.count("/") == 1 and not model_id.startswith((".", "/", "~")) and all(model_id.split("/"))
+
+
+def hub_model_index(model_id: str) -> str:
+    """Local path of the hub model ``model_id``'s ``model_index.json``, through
+    ``huggingface_hub.hf_hub_download`` (the Hugging Face cache, HF_HOME / HF_HUB_CACHE and HF_HUB_OFFLINE are
+    honoured; online it downloads that one file, and the adapter's ``from_pretrained`` later lets diffusers
+    download the rest). Offline and not cached: :class:`genalign.policy.ModelNotAvailableError` naming what to
+    fetch; online failures (unknown or gated repository, no network) raise ``ValueError`` with the hub's reason."""
+    from huggingface_hub import hf_hub_download
+
+    from .policy import ModelNotAvailableError, _offline
+
+    try:
+        return hf_hub_download(model_id, "model_index.json")
+    except Exception as exc:  # noqa: BLE001 - the hub's errors differ between versions; the reason is kept
+        if _offline():
+            raise ModelNotAvailableError(
+                f"model {model_id!r} is neither a local directory nor in the Hugging Face cache, and the hub is "
+                f"offline (HF_HUB_OFFLINE=1). Fetch it on a machine with internet access with `hf download "
+                f"{model_id}` (or `huggingface-cli download {model_id}`) and copy the cache, or pass the path of a "
+                f"local directory saved with save_pretrained.") from None
+        raise ValueError(f"cannot fetch model_index.json of hub model {model_id!r} ({type(exc).__name__}: {exc}); "
+                         f"check the id, accept the model's license on its hub page and log in (`hf auth login`) "
+                         f"for gated models, or pass a local diffusers directory") from exc
+
+
 def policy_class(model_id: str, adapter: Optional[str] = None) -> type:
     """The adapter class for ``model_id`` ('digits', a digits asset directory, a hub id or a local diffusers
     directory), or the adapter called ``adapter`` when given.
@@ -156,7 +185,8 @@ def policy_class(model_id: str, adapter: Optional[str] = None) -> type:
     The first adapter whose ``handles(model_id)`` is true wins; otherwise the id is resolved (a hub id to its
     cached snapshot, see :func:`genalign.policy.resolve_pretrained`), ``handles`` is asked again with that
     directory, and then the ``_class_name`` of its ``model_index.json`` picks the adapter listing it in
-    ``pipeline_classes``.
+    ``pipeline_classes``. A hub id that is not cached yet (online) has only its ``model_index.json`` fetched
+    here (:func:`hub_model_index`); the adapter's ``from_pretrained`` lets diffusers download the rest.
     """
     if adapter is not None:
         return pipeline_adapter(adapter)
@@ -175,6 +205,8 @@ def policy_class(model_id: str, adapter: Optional[str] = None) -> type:
     claimers = sorted(name for name, c in adapters.items() if callable(getattr(c, "handles", None)))
     supported = f"supported: {sorted(by_class)}, or a model claimed by the adapters {claimers}"
     index = os.path.join(path, "model_index.json")
+    if not os.path.isdir(path) and _looks_like_hub_id(path):  # online and not cached yet: fetch the index only
+        index = hub_model_index(path)
     if not os.path.isfile(index):
         raise ValueError(f"{model_id!r} has no model_index.json: not a diffusers pipeline directory ({supported})")
     with open(index) as fh:
@@ -201,4 +233,4 @@ def load_policy(model_id: str, device=None, dtype=None, guidance_scale: Optional
 
 __all__ = ["COMMANDS_GROUP", "PIPELINES_GROUP", "REWARDS_GROUP", "PluginError", "available_commands",
            "available_pipelines", "entry_points", "load_command", "load_entry_point", "load_policy",
-           "pipeline_adapter", "policy_class", "register_pipeline"]
+           "hub_model_index", "pipeline_adapter", "policy_class", "register_pipeline"]

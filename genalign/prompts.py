@@ -8,17 +8,30 @@ from typing import List, Tuple
 import torch
 
 
-def asset_path(name: str) -> str:
-    """Path of a file of the shipped digits assets (``genalign.assets/digits/<name>``)."""
+def asset_path(name: str, folder: str = "digits") -> str:
+    """Path of a shipped asset file: ``genalign.assets/<folder>/<name>`` (``folder`` 'digits' or 'prompts')."""
     from importlib.resources import files
 
-    return str(files("genalign.assets").joinpath("digits", name))
+    return str(files("genalign.assets").joinpath(folder, name))
+
+
+ASSET_PREFIXES = ("digits", "prompts")
+"""``NAME:FILE`` prefixes of prompt files resolved to ``genalign.assets/NAME/FILE`` by :func:`read_prompts`."""
+
+
+def resolve_prompts_path(path: str) -> str:
+    """``digits:FILE`` / ``prompts:FILE`` -> the shipped ``genalign.assets/digits|prompts/FILE``; else ``path``."""
+    prefix, sep, name = path.partition(":")
+    if sep and prefix in ASSET_PREFIXES:
+        return asset_path(name, prefix)
+    return path
 
 
 def read_prompts(path: str) -> List[str]:
-    """Non-empty, stripped lines of a prompt file; ``digits:NAME`` names a shipped asset file."""
-    if path.startswith("digits:"):
-        path = asset_path(path.split(":", 1)[1])
+    """Non-empty, stripped lines of a prompt file; ``digits:NAME`` names a file of the shipped digits assets,
+    ``prompts:NAME`` one of the shipped prompt sets (``genalign.assets/prompts``, listed in the README's
+    "Real models" section)."""
+    path = resolve_prompts_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {path!r} does not exist")
     with open(path, encoding="utf-8") as fh:

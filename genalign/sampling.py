@@ -37,19 +37,56 @@ class Variant:
     rlg: Optional[float] = None
 
 
-def load_policy_with_loras(model: str, loras: Sequence[str] = (), guidance_scale: Optional[float] = None,
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def base_model_of(lora: str) -> str:
+    """The base model a LoRA (LoRA, checkpoint or run directory) was trained on: ``base_model`` of the
+    ``base_model.json`` that :func:`genalign.lora.save_lora` writes next to it. Raises FileNotFoundError naming
+    that file when it is absent."""
+    from .lora import find_lora_dir
+
+    path = os.path.join(find_lora_dir(lora), "base_model.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: cannot tell which base model LoRA {lora!r} belongs to; "
+                                f"give --model")
+    with open(path) as fh:
+        base = json.load(fh).get("base_model")
+    if not base:
+        raise ValueError(f"{path} names no base_model; give --model")
+    return str(base)
+
+
+def resolve_model(model: Optional[str], loras: Sequence[str] = ()) -> str:
+    """``model`` when given; else the base model of the LoRAs (:func:`base_model_of`; they must agree); else
+    ``'digits'``."""
+    if model:
+        return model
+    bases = {lora: base_model_of(lora) for lora in loras if lora}
+    if len(set(bases.values())) > 1:
+        raise ValueError(f"the LoRAs were trained on different base models {bases}; give --model")
+    return next(iter(bases.values()), "digits")
+
+
+def load_policy_with_loras(model: Optional[str], loras: Sequence[str] = (), guidance_scale: Optional[float] = None,
                            device: Optional[str] = None, names: Optional[Sequence[str]] = None, dtype=None,
                            **model_kwargs):
-    """Load ``model`` (``dtype``, ``model_kwargs`` such as ``height``/``width`` as ``load_policy`` takes them)
-    and each LoRA (LoRA, checkpoint or run directory) as adapter ``names[i]`` (default ``lora0``, ``lora1``,
-    ...). The LoRA weights are kept in float32 whatever ``dtype``, as the trainer keeps its trainable weights,
-    so a LoRA samples here as it did in training. Returns ``(policy, adapter names)``."""
+    """Load ``model`` (None: the LoRAs' base model, see :func:`resolve_model`; ``dtype`` a torch dtype or
+    ``'float32'``/``'bfloat16'``/``'float16'``; ``model_kwargs`` such as ``height``/``width``, ``drop_t5``,
+    ``offload_text_encoders``, ``cache_prompt_embeds`` as ``load_policy`` takes them) and each LoRA (LoRA,
+    checkpoint or run directory) as adapter ``names[i]`` (default ``lora0``, ``lora1``, ...). The LoRA
+    weights are kept in float32 whatever ``dtype``, as the trainer keeps its trainable weights, so a LoRA
+    samples here as it did in training. Returns ``(policy, adapter names)``."""
     from .lora import load_lora
     from .plugins import load_policy
 
     if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    policy = load_policy(model, device=device, dtype=dtype, guidance_scale=guidance_scale, **model_kwargs)
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    model = resolve_model(model, loras)
+    policy = load_policy(model, device=device, dtype=dtype, guidance_scale=guidance_scale,
+                         **{k: v for k, v in model_kwargs.items() if v is not None})
     names = list(names) if names is not None else [f"lora{i}" for i in range(len(loras))]
     with warnings.catch_warnings():  # peft warns that a second adapter makes several: that is the point here
         warnings.filterwarnings("ignore", message=".*multiple adapters.*")
@@ -242,15 +279,18 @@ def to_pil(image: torch.Tensor):
     return Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
 
 
-def sample_to_dir(model: str, prompts: List[str], num_per_prompt: int, seed: int, out: str, lora: Optional[str] = None,
-                  num_steps: Optional[int] = None, guidance_scale: Optional[float] = None, batch_size: int = 32,
-                  device: Optional[str] = None, rlg: Optional[float] = None) -> str:
+def sample_to_dir(model: Optional[str], prompts: List[str], num_per_prompt: int, seed: int, out: str,
+                  lora: Optional[str] = None, num_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+                  batch_size: int = 32, device: Optional[str] = None, rlg: Optional[float] = None,
+                  dtype: Optional[str] = None, **model_kwargs) -> str:
     """Generate ``num_per_prompt`` ODE samples per prompt; image i uses seed ``seed + i`` (reproducible
-    one by one). ``rlg``: alignment strength w (needs ``lora``; 0 = base, 1 = the LoRA). Writes PNGs and
-    ``manifest.jsonl`` lines ``{"file", "prompt", "seed"}``."""
+    one by one). ``rlg``: alignment strength w (needs ``lora``; 0 = base, 1 = the LoRA). ``model`` None: the
+    LoRA's base model; ``dtype``, ``model_kwargs`` (``height``, ``width``, ...): see
+    :func:`load_policy_with_loras`. Writes PNGs and ``manifest.jsonl`` lines ``{"file", "prompt", "seed"}``."""
     if rlg is not None and not lora:
         raise ValueError("--rlg needs --lora: RLG mixes the base model with a fine-tuned LoRA")
-    policy, names = load_policy_with_loras(model, [lora] if lora else [], guidance_scale, device)
+    policy, names = load_policy_with_loras(model, [lora] if lora else [], guidance_scale, device, dtype=dtype,
+                                           **model_kwargs)
     variant = Variant("sample", names[0] if names else None, rlg)
     job_prompts, seeds = expand_jobs(prompts, num_per_prompt, seed)
     os.makedirs(out, exist_ok=True)

@@ -33,12 +33,12 @@ from .ema import EMA
 from .lora import add_lora, has_lora, save_lora
 from .methods import EpochPlan, mix_seed as _seed
 from .objectives import EpochBatch, TrainContext, build_objective
-from .optim import NonFiniteError, OptimizerStep, save_state_hooks
+from .optim import NonFiniteError, OptimizerStep, build_optimizer, save_state_hooks
 from .plugins import load_policy
 from .prompts import KRepeatSampler, read_prompts
 from .reward_api import RewardError, RewardSet, TrainableReward, discriminator_round
 from .rollout import Trajectory, rollout
-from .run import RunDir, tracker_available
+from .run import RunDir, check_output_dir, check_trackers, clear_run, new_run_id, shown_indices
 from .evaluator import Evaluator
 from .sampling import image_seed, sample_images
 
@@ -51,14 +51,22 @@ def objective_name(cfg: Config) -> str:
 
 
 class Trainer:
-    """The trainer for any :class:`genalign.policy.Policy` adapter and any registered objective."""
+    """The trainer for any :class:`genalign.policy.Policy` adapter and any registered objective.
 
-    def __init__(self, cfg: Config, resume: Optional[str] = None, accelerator=None):
+    resume: 'latest' or a checkpoint directory (:func:`genalign.checkpoint.resolve_resume`).
+    overwrite: start a new run in an output directory that holds a previous run, deleting that run's files
+        (:func:`genalign.run.clear_run`); without it (and without ``resume``) such a directory is refused.
+    """
+
+    def __init__(self, cfg: Config, resume: Optional[str] = None, accelerator=None, overwrite: bool = False):
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
         self.cfg = cfg
-        trackers = [t for t in cfg.log_with if tracker_available(t)]
+        trackers = check_trackers(cfg.log_with)  # a requested tracker that is not installed is an error
+        if cfg.checkpoint.every < 0 or cfg.checkpoint.every_minutes < 0:
+            raise ConfigError("checkpoint.every and checkpoint.every_minutes must be >= 0 (0 disables)")
+        check_output_dir(cfg.output_dir, resume, overwrite)  # before anything is loaded: cheap to fail
         # no buffer broadcast: processes may run different numbers of forwards (uneven eval shares)
         ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
         self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision,
@@ -77,7 +85,12 @@ class Trainer:
             raise ConfigError(f"{len(self.eval_prompts)} eval prompts x eval.num_per_prompt = {cfg.eval.num_per_prompt} "
                               f"images cannot be shared by {self.world} processes (each needs at least one)")
         # every built-in reward model goes to this process's device unless its options say otherwise
-        self.reward_fn = RewardSet(cfg.reward, cfg.reward_options, device=str(self.device))
+        try:
+            self.reward_fn = RewardSet(cfg.reward, cfg.reward_options, device=str(self.device))
+        except AttributeError as exc:  # a misspelled function of a reward script: a config error
+            if not str(exc).startswith("reward script"):
+                raise
+            raise ConfigError(f"reward: {exc}") from exc
         # Adv-GRPO: a reward model trained between generator rounds (checkpointed with the generator by accelerate)
         self.adversary = next((fn for _, fn, _ in self.reward_fn.components if isinstance(fn, TrainableReward)), None)
         if self.adversary is not None:
@@ -85,7 +98,7 @@ class Trainer:
 
         self.policy = load_policy(cfg.model.id, device=self.device, dtype=DTYPES[cfg.model.dtype],
                                   guidance_scale=cfg.model.guidance_scale,
-                                  **{k: v for k, v in (("height", cfg.model.height), ("width", cfg.model.width)) if v})
+                                  **cfg.model.policy_kwargs())
         self.denoiser = self.policy.denoiser()
         if cfg.model.decode_batch_size and hasattr(self.policy, "decode_batch_size"):
             self.policy.decode_batch_size = cfg.model.decode_batch_size
@@ -106,7 +119,13 @@ class Trainer:
         self.run_dir = RunDir(cfg, self.acc, trackers)
         self.metrics_path = self.run_dir.metrics_path
         self.checkpointer = Checkpointer(self)
+        self.run_id = new_run_id()  # replaced by the checkpoint's run id on resume
         resumed = self.checkpointer.load(resolve_resume(cfg.output_dir, resume)) if resume else None
+        if overwrite:  # everything above succeeded: only now delete the previous run
+            if self.is_main:
+                clear_run(cfg.output_dir)
+            self.acc.wait_for_everyone()
+        self.run_dir.run_id = self.run_id
         self.run_dir.start(resumed)
 
     # ------------------------------------------------------------------ setup
@@ -136,9 +155,7 @@ class Trainer:
             raise ConfigError("no trainable parameters (check lora.target_modules)")
         for p in self.params:  # trainable weights in float32; frozen ones keep model.dtype
             p.data = p.data.float()
-        fused = {"fused": True} if self.device.type == "cuda" else {}
-        opt = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
-                                eps=t.adam_eps, **fused)
+        opt = build_optimizer(self.params, t, self.device)
         self.ema = EMA(self.params, t.ema_decay, t.ema_every) if t.ema else None
         save_state_hooks(self.acc)
         self.optim = OptimizerStep(self.acc, self.denoiser, opt, self.params, t.max_grad_norm, self.ema,
@@ -177,6 +194,7 @@ class Trainer:
     def train(self) -> Dict[str, float]:
         cfg = self.cfg
         t0 = time.time()
+        self.checkpointer.start_clock()
         if self.epoch == 0 and self.eval_prompts:
             self.run_dir.log({"epoch": 0, "global_step": 0, "samples_seen": 0, **self.evaluate(save_before=True)})
         for epoch in range(self.epoch, cfg.num_epochs):
@@ -206,7 +224,7 @@ class Trainer:
             if self.eval_prompts and (last or (cfg.eval.every and self.epoch % cfg.eval.every == 0)):
                 row.update(self.evaluate())
             self.run_dir.log(row)
-            if last or (cfg.checkpoint.every and self.epoch % cfg.checkpoint.every == 0):
+            if self.checkpointer.due(self.epoch, last):  # the same decision on every process (collective save)
                 self.save()
         return self.finish()
 
@@ -400,15 +418,36 @@ class Trainer:
         count and ``genalign eval --config <run>`` reproduces it on the same weights."""
         e = self.cfg.eval
         self.denoiser.eval()
-        ctx = self.ema.swapped_in() if (self.ema is not None and e.use_ema and self.global_step) else nullcontext()
+        ctx = self.ema.swapped_in() if (e.use_ema and self.ema_used) else nullcontext()
         with ctx:
-            out, images, mine = self.evaluator.run(self.policy, autocast=self.autocast)
+            result = self.evaluator.score(self.policy, autocast=self.autocast)
+        out, images, mine = Evaluator.metrics(result.scores), result.images, result.prompts
         for hook in self.eval_hooks if self.world == 1 else []:
             out.update(hook(images, mine))
+        shown = self._shown_eval_images(images, result.indices)
         if save_before:
-            self.run_dir.save_before_images(images)
-        self._last_eval_images = images
+            self.run_dir.save_before_images(shown)
+        self.run_dir.log_images("eval/images", shown, self.global_step)
+        self._last_eval_images = shown
         return out
+
+    @property
+    def ema_used(self) -> bool:
+        """An EMA is kept and was updated at least once (else it equals the initial weights)."""
+        return self.ema is not None and self.ema.num_updates > 0
+
+    def _shown_eval_images(self, images: torch.Tensor, indices: List[int]) -> torch.Tensor:
+        """The eval images of the grids and trackers (:func:`genalign.run.shown_indices`) in global order, on
+        every process: each process writes its own into zeros and the buffers are summed (exact, uneven shares)."""
+        wanted = shown_indices(self.evaluator.num_images, self.cfg.eval.num_per_prompt)
+        where = {g: k for k, g in enumerate(wanted)}
+        buf = torch.zeros(len(wanted), *images.shape[1:], dtype=torch.float32)
+        for j, g in enumerate(indices):
+            if g in where:
+                buf[where[g]] = images[j].float().cpu()
+        if self.world > 1:
+            buf = self.acc.reduce(buf.to(self.acc.device), "sum").cpu()
+        return buf
 
     # ------------------------------------------------------------------ persistence
     def counters(self) -> Dict:
@@ -466,26 +505,40 @@ class Trainer:
 
             plot_metrics(self.metrics_path, os.path.join(out, "reward_curve.png"))
             methods.plot_step_ratios(self.metrics_path, os.path.join(out, "step_ratios.png"))
-            if self.world == 1:
-                self.run_dir.before_after_grid(getattr(self, "_last_eval_images", None), self.cfg.eval.num_per_prompt)
+            self.run_dir.before_after_grid(getattr(self, "_last_eval_images", None), self.cfg.eval.num_per_prompt,
+                                           self.global_step)
         self.acc.wait_for_everyone()
         self.acc.end_training()
         return self.run_dir.last_metrics() if self.is_main else {}
 
     def _export_final(self, out: str) -> None:
-        if self.is_main:
-            if has_lora(self.denoiser):
-                ctx = self.ema.swapped_in() if self.ema is not None and self.cfg.eval.use_ema else nullcontext()
-                with ctx:
-                    save_lora(self.policy, os.path.join(out, "final", "lora"), self.cfg.model.id)
-                if self.ema is not None:
-                    save_lora(self.policy, os.path.join(out, "final", "lora_raw"), self.cfg.model.id)
-            else:
-                from safetensors.torch import save_file
+        """``final/lora`` (or ``final/denoiser.safetensors``): the trained weights; ``final/lora_ema`` (or
+        ``final/denoiser_ema.safetensors``): the EMA weights, only when the EMA was updated at least once.
+        Training-time evaluation used the EMA weights exactly when ``eval.use_ema`` and ``final/lora_ema`` exists
+        (README, "Run directories, checkpoints and EMA")."""
+        if not self.is_main:
+            return
+        import shutil
 
-                os.makedirs(os.path.join(out, "final"), exist_ok=True)
+        final = os.path.join(out, "final")
+        shutil.rmtree(final, ignore_errors=True)  # a resumed run re-exports everything
+        os.makedirs(final)
+        if has_lora(self.denoiser):
+            save_lora(self.policy, os.path.join(final, "lora"), self.cfg.model.id)
+            if self.ema_used:
+                with self.ema.swapped_in():
+                    save_lora(self.policy, os.path.join(final, "lora_ema"), self.cfg.model.id)
+        else:
+            from safetensors.torch import save_file
+
+            def write(name):
                 save_file({n: p.detach().cpu().contiguous() for n, p in self.denoiser.state_dict().items()},
-                          os.path.join(out, "final", "denoiser.safetensors"))
+                          os.path.join(final, name))
+
+            write("denoiser.safetensors")
+            if self.ema_used:
+                with self.ema.swapped_in():
+                    write("denoiser_ema.safetensors")
 
 
 # ---------------------------------------------------------------------- helpers
@@ -500,9 +553,9 @@ def _policy_modules(policy) -> List[torch.nn.Module]:
     return mods
 
 
-def train(cfg: Config, resume: Optional[str] = None) -> Dict[str, float]:
+def train(cfg: Config, resume: Optional[str] = None, overwrite: bool = False) -> Dict[str, float]:
     """Build a :class:`Trainer` and run it."""
-    return Trainer(cfg, resume=resume).train()
+    return Trainer(cfg, resume=resume, overwrite=overwrite).train()
 
 
 __all__ = ["NonFiniteError", "Trainer", "objective_name", "train"]

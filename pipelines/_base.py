@@ -9,9 +9,10 @@ guidance batching, noise drawing and VAE decoding. Subclasses supply the family-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -104,10 +105,35 @@ class DiffusersPolicy:
     denoiser_name: str = "transformer"
     resolution_multiple_extra: int = 1
 
+    text_encoder_names: Tuple[str, ...] = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    offload_text_encoders: bool = False
+    """Keep the text encoders on the CPU and move them to the policy's device only while encoding (config key
+    ``model.offload_text_encoders``): their weights (SD3's T5-XXL: 4.7 B parameters, about 9.5 GB in bf16) do
+    not occupy accelerator memory during rollouts and training steps."""
+    cache_prompt_embeds: bool = False
+    """Encode each distinct prompt string once and reuse its embeddings (config key ``model.cache_prompt_embeds``;
+    the text encoders are frozen, so the embeddings never change). Cached rows live on the CPU."""
+
     def __init__(self, pipe, guidance_scale: Optional[float] = None, device=None, dtype: Optional[torch.dtype] = None,
-                 height: Optional[int] = None, width: Optional[int] = None):
+                 height: Optional[int] = None, width: Optional[int] = None,
+                 offload_text_encoders: Optional[bool] = None, cache_prompt_embeds: Optional[bool] = None):
+        # None keeps the attribute (the class default, or what from_pretrained set before calling __init__)
+        if offload_text_encoders is not None:
+            self.offload_text_encoders = bool(offload_text_encoders)
+        if cache_prompt_embeds is not None:
+            self.cache_prompt_embeds = bool(cache_prompt_embeds)
         if device is not None or dtype is not None:
-            pipe.to(device=None if device is None else torch.device(device), dtype=dtype)
+            target = None if device is None else torch.device(device)
+            if self.offload_text_encoders:  # everything but the text encoders to the device (they stay on the CPU)
+                for name, module in pipe.components.items():
+                    if isinstance(module, torch.nn.Module):
+                        keep_cpu = name in self.text_encoder_names
+                        module.to(device=torch.device("cpu") if keep_cpu else target, dtype=dtype)
+            else:
+                pipe.to(device=target, dtype=dtype)
+        elif self.offload_text_encoders:
+            for module in self._text_encoders(pipe):
+                module.to("cpu")
         self.pipe = pipe
         self.guidance_scale = float(self.default_guidance_scale if guidance_scale is None else guidance_scale)
         self.vae_scale_factor = int(pipe.vae_scale_factor)
@@ -135,20 +161,35 @@ class DiffusersPolicy:
         return pipeline_class.from_pretrained(path, **kw)
 
     @classmethod
+    def _drop_t5_components(cls) -> Dict[str, None]:
+        """``from_pretrained`` components to skip for ``drop_t5`` (SD3 overrides it; others have no T5 to drop)."""
+        raise ValueError(f"model.drop_t5: {cls.__name__} has no optional T5 encoder to drop (SD3 / SD3.5 only)")
+
+    @classmethod
     def from_pretrained(cls, model_id_or_path: str, device=None, dtype: Optional[torch.dtype] = None,
                         guidance_scale: Optional[float] = None, height: Optional[int] = None,
-                        width: Optional[int] = None, **kw):
+                        width: Optional[int] = None, drop_t5: bool = False, offload_text_encoders: bool = False,
+                        cache_prompt_embeds: bool = False, **kw):
         """Load a hub id (cache only when ``HF_HUB_OFFLINE=1``) or a ``save_pretrained`` directory.
 
         ``device`` defaults to CUDA when available; ``dtype`` is passed as ``torch_dtype``; other keyword
-        arguments go to the diffusers ``from_pretrained`` (e.g. ``text_encoder_3=None`` to skip T5).
+        arguments go to the diffusers ``from_pretrained``. ``drop_t5`` (SD3: ``model.drop_t5``) does not load
+        the T5 encoder; ``offload_text_encoders`` / ``cache_prompt_embeds``: see the class attributes.
         Raises :class:`genalign.policy.ModelNotAvailableError` with a download hint when offline and uncached.
         """
+        if drop_t5:
+            for name, value in cls._drop_t5_components().items():
+                kw.setdefault(name, value)
         path = resolve_pretrained(model_id_or_path)
         if dtype is not None:
             kw["torch_dtype"] = dtype
         pipe = cls._load_pipeline(path, **kw)
-        return cls(pipe, guidance_scale=guidance_scale, device=resolve_device(device), height=height, width=width)
+        # the options are set before __init__ runs, so that subclasses whose __init__ does not take them
+        # (e.g. DDPMPolicy) still leave the text encoders on the CPU when moving the pipeline to the device
+        policy = cls.__new__(cls)
+        policy.offload_text_encoders, policy.cache_prompt_embeds = bool(offload_text_encoders), bool(cache_prompt_embeds)
+        policy.__init__(pipe, guidance_scale=guidance_scale, device=resolve_device(device), height=height, width=width)
+        return policy
 
     # ---------------------------------------------------------------- basic properties
     def denoiser(self) -> torch.nn.Module:
@@ -238,20 +279,59 @@ class DiffusersPolicy:
 
     _negative_cache: Optional[Dict[str, torch.Tensor]] = None
 
+    @classmethod
+    def _text_encoders(cls, pipe) -> List[torch.nn.Module]:
+        return [m for m in (getattr(pipe, n, None) for n in cls.text_encoder_names) if isinstance(m, torch.nn.Module)]
+
+    @contextlib.contextmanager
+    def _text_encoders_on_device(self) -> Iterator[None]:
+        """With :attr:`offload_text_encoders`, the text encoders on the policy's device for the duration and back
+        on the CPU afterwards (freeing their accelerator memory); otherwise nothing happens."""
+        encoders = self._text_encoders(self.pipe) if self.offload_text_encoders else []
+        for module in encoders:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in encoders:
+                module.to("cpu")
+            if encoders and self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
     def _negative_embeds(self) -> Dict[str, torch.Tensor]:
         """``negative_*`` embeddings of batch 1, encoded once: the negative (empty) prompt and the frozen text
         encoders never change, so re-encoding it for every batch would only repeat work."""
         if self._negative_cache is None:
-            out = self._encode([""], negative=True)
+            with self._text_encoders_on_device():
+                out = self._encode([""], negative=True)
             self._negative_cache = {k: v for k, v in out.items() if k.startswith("negative_") and v is not None}
         return self._negative_cache
+
+    def _positive_embeds(self, prompts: List[str]) -> Dict[str, torch.Tensor]:
+        """The non-negative embeddings of ``prompts`` (batch-first). With :attr:`cache_prompt_embeds`, each
+        distinct prompt string is encoded once (its row of the batch it was first encoded in, kept on the CPU)
+        and later batches are assembled from the cached rows: training prompts repeat every epoch, and the
+        rollout and every training step of a sample use the conditioning of that one encoding."""
+        if not self.cache_prompt_embeds:
+            with self._text_encoders_on_device():
+                out = self._encode(prompts, negative=False)
+            return {k: v for k, v in out.items() if v is not None and not k.startswith("negative_")}
+        cache: Dict[str, Dict[str, torch.Tensor]] = self.__dict__.setdefault("_prompt_cache", {})
+        missing = list(dict.fromkeys(p for p in prompts if p not in cache))
+        if missing:
+            with self._text_encoders_on_device():
+                out = self._encode(missing, negative=False)
+            keys = [k for k, v in out.items() if v is not None and not k.startswith("negative_")]
+            for i, prompt in enumerate(missing):
+                cache[prompt] = {k: out[k][i:i + 1].detach().to("cpu") for k in keys}
+        return {k: torch.cat([cache[p][k] for p in prompts]).to(self.device) for k in cache[prompts[0]]}
 
     @torch.no_grad()
     def encode(self, prompts: List[str]) -> Cond:
         """Encode prompts -> batch-first conditioning (with the empty negative prompt when CFG is on)."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        embeds = self._encode(list(prompts), negative=False)
+        embeds = self._positive_embeds(list(prompts))
         if self.uses_cfg:
             embeds.update(self._negative_embeds())  # batch 1, repeated to the batch by cond_from_embeds
         return self.cond_from_embeds(**embeds)

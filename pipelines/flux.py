@@ -58,9 +58,12 @@ class FluxPolicy(DiffusersPolicy):
     max_sequence_length = 512
 
     def __init__(self, pipe, guidance_scale: Optional[float] = None, device=None, dtype: Optional[torch.dtype] = None,
-                 height: Optional[int] = None, width: Optional[int] = None, true_cfg_scale: float = 1.0):
+                 height: Optional[int] = None, width: Optional[int] = None, true_cfg_scale: float = 1.0, **options):
+        """``options``: ``offload_text_encoders`` / ``cache_prompt_embeds`` of
+        :class:`~genalign.pipelines._base.DiffusersPolicy`."""
         self.true_cfg_scale = float(true_cfg_scale)
-        super().__init__(pipe, guidance_scale=guidance_scale, device=device, dtype=dtype, height=height, width=width)
+        super().__init__(pipe, guidance_scale=guidance_scale, device=device, dtype=dtype, height=height, width=width,
+                         **options)
 
     @property
     def cfg_scale(self) -> float:

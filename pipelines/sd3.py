@@ -34,9 +34,25 @@ class SD3Policy(DiffusersPolicy):
     max_sequence_length = 256
 
     def __init__(self, pipe, guidance_scale: Optional[float] = None, device=None, dtype: Optional[torch.dtype] = None,
-                 height: Optional[int] = None, width: Optional[int] = None):
+                 height: Optional[int] = None, width: Optional[int] = None, drop_t5: bool = False, **options):
+        """``drop_t5``: remove the pipeline's T5 encoder (see :meth:`_drop_t5_components`); ``options``:
+        ``offload_text_encoders`` / ``cache_prompt_embeds`` of :class:`~genalign.pipelines._base.DiffusersPolicy`."""
         self.resolution_multiple_extra = int(pipe.transformer.config.patch_size)
-        super().__init__(pipe, guidance_scale=guidance_scale, device=device, dtype=dtype, height=height, width=width)
+        if drop_t5 and getattr(pipe, "text_encoder_3", None) is not None:
+            pipe.register_modules(**self._drop_t5_components())
+        super().__init__(pipe, guidance_scale=guidance_scale, device=device, dtype=dtype, height=height, width=width,
+                         **options)
+
+    @classmethod
+    def _drop_t5_components(cls) -> Dict[str, None]:
+        """``model.drop_t5``: run SD3 without its T5-XXL encoder (4.7 B parameters). diffusers'
+        ``StableDiffusion3Pipeline.encode_prompt`` then fills the T5 part of ``prompt_embeds`` with zeros
+        (``max_sequence_length`` tokens). SD3 was trained with each text encoder dropped independently (rate
+        46.3%), so T5 can be removed at inference at little cost except for typography (Esser et al. 2024,
+        "Scaling Rectified Flow Transformers for High-Resolution Image Synthesis", arXiv 2403.03206). Rollout and training see the same
+        conditioning: the training steps reuse each rollout's encoded conditioning, and the zeros are
+        deterministic. A LoRA trained this way should be sampled and evaluated with ``drop_t5`` as well."""
+        return {"text_encoder_3": None, "tokenizer_3": None}
 
     def _encode(self, prompts: List[str], negative: bool = True) -> Dict[str, Optional[torch.Tensor]]:
         self._require_text_encoders("text_encoder", "text_encoder_2")

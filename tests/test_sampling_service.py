@@ -200,9 +200,10 @@ def test_cli_eval_reproduces_evaluator_on_saved_lora(tuned, tmp_path):
     assert json.loads((out / "eval.json").read_text())["metrics"] != expected
 
 
-@pytest.mark.parametrize("ema", ["false", "true"])
-def test_training_eval_is_reproduced_by_genalign_eval(tmp_path, ema):
-    """final/lora holds the weights of the last evaluation (the EMA weights when train.ema and eval.use_ema)."""
+@pytest.mark.parametrize("ema,ema_every", [("false", 8), ("true", 8), ("true", 1)])
+def test_training_eval_is_reproduced_by_genalign_eval(tmp_path, ema, ema_every):
+    """The last evaluation used final/lora_ema when it exists (an EMA updated at least once and eval.use_ema),
+    else final/lora (the trained weights): one optimizer step with ema_every 8 never updates the EMA."""
     from genalign.config import load_config
     from genalign.trainer import Trainer
 
@@ -214,14 +215,16 @@ def test_training_eval_is_reproduced_by_genalign_eval(tmp_path, ema):
     prompts_file.write_text("a cat\na dog\na red car\n")
     run = tmp_path / "run"
     overrides = tiny_overrides(sd3_dir, run, str(prompts_file), **{
-        "eval_prompts_file": str(prompts_file), "eval.num_per_prompt": 2, "eval.seed": 9, "train.ema": ema})
+        "eval_prompts_file": str(prompts_file), "eval.num_per_prompt": 2, "eval.seed": 9, "train.ema": ema,
+        "train.ema_every": ema_every})
     Trainer(load_config(None, overrides)).train()
+    assert (run / "final" / "lora_ema").is_dir() == (ema == "true" and ema_every == 1)
+    lora = run / "final" / ("lora_ema" if (run / "final" / "lora_ema").is_dir() else "lora")
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     logged = {k: v for k, v in rows[-1].items() if k.startswith("eval/")}
     assert "eval/reward" in logged
     out = tmp_path / "eval"
-    assert main(["eval", "--config", str(run / "config.json"), "--lora", str(run / "final" / "lora"),
-                 "--out", str(out)]) == 0
+    assert main(["eval", "--config", str(run / "config.json"), "--lora", str(lora), "--out", str(out)]) == 0
     result = json.loads((out / "eval.json").read_text())
     assert result["metrics"] == logged
 
