@@ -1,0 +1,180 @@
+"""An independent judge of generated images: realism and diversity measured in a feature space that no reward
+sees.
+
+The project's realism numbers (``benchmarks/compare_digits.py``) use the digit classifier's own penultimate
+features, i.e. the features of the reward being optimised, so they are blind to reward hacking: an image that
+fools the classifier also looks "real" to its features. The judge here instead projects raw pixels onto a
+PCA basis fitted on held-out REAL images (:class:`PixelPCA`), independent of every reward, and reports
+
+* ``fd_independent``: the Frechet distance (the closed form behind FID, Heusel et al. 2017,
+  "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium", arXiv 1706.08500)
+  between generated and real features;
+* ``diversity``: the mean over prompted classes of the mean pairwise feature distance within the class
+  (:func:`within_class_diversity`), and ``diversity_ratio``: that of the generated images over that of the
+  real ones (1 = as diverse as real data, 0 = mode collapse);
+* ``vendi``: the Vendi score (Friedman & Dieng 2022, "The Vendi Score: A Diversity Evaluation Metric for
+  Machine Learning", arXiv 2210.02410) of the generated features with the cosine-similarity kernel: the
+  effective number of distinct samples, from 1 (all identical) to n (all orthogonal).
+
+Images are ``[N, C, H, W]`` tensors, all in the same value range (the project's reward images are in
+``[0, 1]``); channels are averaged, so grey RGB and single-channel images give the same features.
+Only torch, numpy and scipy are used.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Dict, Optional, Sequence, Union
+
+import numpy as np
+import scipy.linalg
+import torch
+
+ArrayLike = Union[torch.Tensor, np.ndarray]
+
+
+def _as_float64(x: ArrayLike) -> torch.Tensor:
+    t = x.detach().cpu() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+    return t.to(torch.float64)
+
+
+def _pixels(images: ArrayLike) -> torch.Tensor:
+    """``[N, C, H, W]`` -> channel-mean pixels ``[N, H * W]`` (float64)."""
+    x = _as_float64(images)
+    if x.ndim != 4:
+        raise ValueError(f"images must be [N, C, H, W], got shape {tuple(x.shape)}")
+    return x.mean(dim=1).reshape(x.shape[0], -1)
+
+
+class PixelPCA:
+    """A PCA feature space of pixels, fitted on real images only (so it is independent of every reward).
+
+    ``PixelPCA.fit(real_images, dim)`` centres the channel-mean pixels on their mean and keeps the top ``dim``
+    right singular vectors; :meth:`features` projects images onto them (as ``sklearn.decomposition.PCA``
+    ``transform`` does, without whitening; components agree with sklearn's up to sign).
+    """
+
+    def __init__(self, mean: torch.Tensor, components: torch.Tensor, explained_variance: torch.Tensor,
+                 image_shape: Sequence[int]):
+        self.mean = mean                              # [D]
+        self.components = components                  # [dim, D], orthonormal rows
+        self.explained_variance = explained_variance  # [dim]
+        self.image_shape = tuple(image_shape)         # (H, W)
+
+    @property
+    def dim(self) -> int:
+        return int(self.components.shape[0])
+
+    @classmethod
+    def fit(cls, real_images: ArrayLike, dim: int = 32) -> "PixelPCA":
+        """Fit on ``real_images [N, C, H, W]``; ``dim`` must be at most ``min(N, H * W)``."""
+        x = _pixels(real_images)
+        n, d = x.shape
+        if not 1 <= dim <= min(n, d):
+            raise ValueError(f"dim must be in [1, min(N={n}, H*W={d})], got {dim}")
+        mean = x.mean(0)
+        _, s, vh = torch.linalg.svd(x - mean, full_matrices=False)
+        var = s[:dim] ** 2 / max(n - 1, 1)
+        return cls(mean, vh[:dim].contiguous(), var, _as_float64(real_images).shape[-2:])
+
+    def features(self, images: ArrayLike) -> torch.Tensor:
+        """``images [N, C, H, W]`` (same range as the fitted images) -> features ``[N, dim]`` float64."""
+        x = _pixels(images)
+        if tuple(_as_float64(images).shape[-2:]) != self.image_shape:
+            raise ValueError(f"images are {tuple(images.shape[-2:])}, the PCA was fitted on {self.image_shape}")
+        return (x - self.mean) @ self.components.T
+
+
+def frechet_distance(feats_a: ArrayLike, feats_b: ArrayLike, eps: float = 1e-6) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets ``[N, D]`` (arXiv 1706.08500, eq. 6)::
+
+        |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))
+
+    computed in float64 with ``scipy.linalg.sqrtm``; the real part of the root is kept (tiny imaginary parts
+    are numerical noise). When the product is singular enough that the root is not finite, ``eps * I`` is
+    added to both covariances (as pytorch-fid does). The result is clamped at 0.
+    """
+    a, b = _as_float64(feats_a), _as_float64(feats_b)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sets must be [N, D] with the same D, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[0] < 2 or b.shape[0] < 2:
+        raise ValueError("each feature set needs at least 2 rows for a covariance")
+    mu_a, mu_b = a.mean(0).numpy(), b.mean(0).numpy()
+    s_a, s_b = np.atleast_2d(np.cov(a.numpy(), rowvar=False)), np.atleast_2d(np.cov(b.numpy(), rowvar=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Matrix is singular and may not have a square root"
+        root = scipy.linalg.sqrtm(s_a @ s_b)
+        if not np.isfinite(root).all():
+            offset = np.eye(s_a.shape[0]) * eps
+            root = scipy.linalg.sqrtm((s_a + offset) @ (s_b + offset))
+    root = np.real(root)
+    value = float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(root))
+    return max(value, 0.0)
+
+
+def mean_pairwise_distance(feats: ArrayLike) -> float:
+    """Mean Euclidean distance over all unordered pairs of rows of ``feats [N, D]`` (0.0 when N < 2)."""
+    x = _as_float64(feats)
+    n = x.shape[0]
+    if n < 2:
+        return 0.0
+    d = torch.cdist(x, x)
+    iu = torch.triu_indices(n, n, offset=1)
+    return float(d[iu[0], iu[1]].mean())
+
+
+def vendi_score(feats: ArrayLike) -> float:
+    """Vendi score (arXiv 2210.02410, eq. 1): ``exp(-sum_i l_i log l_i)`` over the eigenvalues ``l_i`` of
+    ``K / n``, ``K`` the cosine-similarity matrix of the rows of ``feats [N, D]``. 1 for identical rows, n for
+    mutually orthogonal ones. An all-zero row has similarity 0 to every row, itself included."""
+    x = _as_float64(feats)
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError("vendi_score of an empty set")
+    x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    eig = torch.linalg.eigvalsh(x @ x.T / n).clamp_min(0)
+    eig = eig[eig > 1e-12]
+    eig = eig / eig.sum()
+    return float(torch.exp(-(eig * eig.log()).sum()))
+
+
+def _classes(labels: ArrayLike) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)).reshape(-1)
+
+
+def within_class_diversity(feats: ArrayLike, labels: ArrayLike, classes: Optional[Sequence[int]] = None) -> float:
+    """Mean over classes of :func:`mean_pairwise_distance` within the class (classes with < 2 members are
+    skipped). ``classes``: the classes to average over (default: every label present)."""
+    x, y = _as_float64(feats), _classes(labels)
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"{x.shape[0]} feature rows but {y.shape[0]} labels")
+    classes = sorted(set(y.tolist())) if classes is None else list(classes)
+    per = [mean_pairwise_distance(x[y == c]) for c in classes if int((y == c).sum()) >= 2]
+    if not per:
+        raise ValueError("no class has at least 2 members")
+    return float(np.mean(per))
+
+
+def diversity_ratio(gen_feats: ArrayLike, gen_labels: ArrayLike, real_feats: ArrayLike, real_labels: ArrayLike) -> float:
+    """:func:`within_class_diversity` of the generated features over that of the real ones, both averaged over
+    the classes present (with >= 2 members) in both sets. 1 = as diverse per class as real data; 0 = collapse."""
+    g, r = _classes(gen_labels), _classes(real_labels)
+    shared = sorted(c for c in set(g.tolist()) & set(r.tolist())
+                    if int((g == c).sum()) >= 2 and int((r == c).sum()) >= 2)
+    if not shared:
+        raise ValueError("generated and real sets share no class with >= 2 members each")
+    real = within_class_diversity(real_feats, r, shared)
+    return within_class_diversity(gen_feats, g, shared) / real if real > 0 else float("nan")
+
+
+def judge(images: ArrayLike, prompt_labels: ArrayLike, real_images: ArrayLike, real_labels: ArrayLike,
+          pca: PixelPCA) -> Dict[str, float]:
+    """Judge generated ``images [N, C, H, W]`` (prompted classes ``prompt_labels [N]``) against real
+    ``real_images`` / ``real_labels`` in the independent feature space ``pca`` (fit it on real images that
+    are NOT ``real_images``, e.g. the training split). Returns ``{"fd_independent", "diversity",
+    "diversity_ratio", "vendi"}`` (see the module docstring)."""
+    gen, real = pca.features(images), pca.features(real_images)
+    return {"fd_independent": frechet_distance(gen, real),
+            "diversity": within_class_diversity(gen, prompt_labels),
+            "diversity_ratio": diversity_ratio(gen, prompt_labels, real, real_labels),
+            "vendi": vendi_score(gen)}
