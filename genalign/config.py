@@ -233,6 +233,10 @@ class EvalConfig:
     """Seed of the evaluation noise (identical every evaluation)."""
     use_ema: bool = True
     """Evaluate with the EMA weights when an EMA is kept."""
+    judge: bool = True
+    """Also log an independent realism / diversity judge when the model adapter provides one
+    (``independent_judge()``; digits: ``eval/fd_independent``, ``eval/diversity_ratio``, ``eval/vendi`` in a
+    pixel-PCA space no reward shares; one process only)."""
 
 
 @dataclass

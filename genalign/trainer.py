@@ -116,6 +116,8 @@ class Trainer:
         self.epoch, self.samples_seen, self.model_calls = 0, 0, 0
         # extra evaluation metrics: callables (eval images [N, 3, H, W], prompts) -> {name: float} (one process)
         self.eval_hooks: List = []
+        if cfg.eval.judge and self.eval_prompts and hasattr(self.policy, "independent_judge"):
+            self.eval_hooks.append(self.policy.independent_judge())
         self.run_dir = RunDir(cfg, self.acc, trackers)
         self.metrics_path = self.run_dir.metrics_path
         self.checkpointer = Checkpointer(self)

@@ -290,6 +290,26 @@ class DigitsPolicy:
                                pooled_projections=pooled.to(dtype), timestep=t, return_dict=False)[0].float()
         return cfg_combine(out, self.guidance_scale) if self.uses_cfg else out
 
+    def independent_judge(self):
+        """An evaluation hook ``(images, prompts) -> {eval/fd_independent, eval/diversity_ratio, eval/vendi}``
+        measuring realism and diversity in a feature space no reward uses: pixel PCA fitted on the TRAIN split of
+        scikit-learn's real digits, Frechet distance to the HELD-OUT split, within-prompt-digit diversity relative
+        to the real digits of the same class (:mod:`genalign.judge`)."""
+        from genalign.judge import PixelPCA, judge
+
+        from .digits_pretrain import load_split
+
+        x_tr, _, x_te, y_te = load_split()
+        pca = PixelPCA.fit((x_tr + 1) / 2)
+        real, labels = (x_te + 1) / 2, torch.as_tensor(y_te)
+
+        def hook(images: torch.Tensor, prompts) -> dict:
+            digits = torch.tensor([prompt_digit(p) for p in prompts])
+            out = judge(images.float().mean(1, keepdim=True), digits, real, labels, pca)
+            return {f"eval/{k}": float(v) for k, v in out.items() if k != "diversity"}
+
+        return hook
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Pixels in ``[-1, 1]`` -> RGB images ``[B, 3, 8, 8]`` in ``[0, 1]`` (grey, clamped)."""
         return ((latents.float() + 1) / 2).clamp(0, 1).expand(-1, 3, -1, -1).contiguous()

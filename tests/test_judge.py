@@ -100,3 +100,24 @@ def test_judge_flags_collapse_and_shift():
     assert fair["vendi"] > 2.0
     assert 0.8 < fair["diversity_ratio"] < 1.25
     assert bad["fd_independent"] > 10 * fair["fd_independent"]
+
+
+def test_digits_adapter_judge_hook_sees_collapse_that_real_digits_do_not_show():
+    """The digits adapter's eval hook (logged as eval/fd_independent, eval/diversity_ratio, eval/vendi)."""
+    from genalign.pipelines.digits_pretrain import load_split
+    from genalign.plugins import load_policy
+
+    hook = load_policy("digits").independent_judge()
+    _, _, x_te, y_te = load_split()
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    prompts = [f"a handwritten {words[int(d)]}" for d in y_te]
+    real = ((x_te + 1) / 2).expand(-1, 3, -1, -1)
+    fair = hook(real, prompts)
+    assert set(fair) == {"eval/fd_independent", "eval/diversity_ratio", "eval/vendi"}
+    assert fair["eval/diversity_ratio"] == pytest.approx(1.0) and fair["eval/fd_independent"] < 0.05
+    collapsed = real.clone()
+    for d in range(10):  # every image of a class replaced by the class's first image
+        idx = (y_te == d).nonzero().flatten()
+        collapsed[idx] = real[idx[0]]
+    bad = hook(collapsed, prompts)
+    assert bad["eval/diversity_ratio"] < 1e-6 and bad["eval/fd_independent"] > 5 * fair["eval/fd_independent"]
