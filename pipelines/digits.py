@@ -54,6 +54,24 @@ _WORD_RE = re.compile(r"[a-z0-9]+")
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
 
+SPLIT_RANDOM_STATE = 0
+HELD_OUT_FRACTION = 0.25
+
+
+def load_split() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_train, y_train, x_held_out, y_held_out)``; images ``[N, 1, 8, 8]`` in ``[-1, 1]``."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    idx_tr, idx_te = train_test_split(torch.arange(len(y)).numpy(), test_size=HELD_OUT_FRACTION,
+                                      random_state=SPLIT_RANDOM_STATE, stratify=y.numpy())
+    idx_tr, idx_te = torch.as_tensor(idx_tr), torch.as_tensor(idx_te)
+    return x[idx_tr], y[idx_tr], x[idx_te], y[idx_te]
+
+
 def split_words(prompt: str) -> List[str]:
     """Lower-cased word tokens of ``prompt`` (runs of ``[a-z0-9]``; punctuation is dropped)."""
     return _WORD_RE.findall(prompt.lower())
@@ -296,8 +314,6 @@ class DigitsPolicy:
         scikit-learn's real digits, Frechet distance to the HELD-OUT split, within-prompt-digit diversity relative
         to the real digits of the same class (:mod:`genalign.judge`)."""
         from genalign.judge import PixelPCA, judge
-
-        from .digits_pretrain import load_split
 
         x_tr, _, x_te, y_te = load_split()
         pca = PixelPCA.fit((x_tr + 1) / 2)

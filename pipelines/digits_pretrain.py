@@ -48,11 +48,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from genalign.pipelines.digits import (DIGIT_WORDS, DigitsPolicy, PromptEncoder, build_transformer, prompt_digit,
-                                      split_words)
+from genalign.pipelines.digits import (DIGIT_WORDS, HELD_OUT_FRACTION, SPLIT_RANDOM_STATE, DigitsPolicy,  # noqa: F401
+                                      PromptEncoder, build_transformer, load_split, prompt_digit, split_words)
 
-SPLIT_RANDOM_STATE = 0
-HELD_OUT_FRACTION = 0.25
 TRAIN_TEMPLATES = ("{w}", "a handwritten {w}", "the digit {n}", "a drawing of the number {w}")
 EVAL_TEMPLATES = ("the number {w}", "a handwritten digit {n}")
 EXTRA_TEMPLATES = ("digit {w}", "an image of the digit {w}", "a picture of a handwritten {n}",
@@ -89,20 +87,6 @@ def vocabulary() -> List[str]:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def load_split() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(x_train, y_train, x_held_out, y_held_out)``; images ``[N, 1, 8, 8]`` in ``[-1, 1]``."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 8.0 - 1.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    idx_tr, idx_te = train_test_split(torch.arange(len(y)).numpy(), test_size=HELD_OUT_FRACTION,
-                                      random_state=SPLIT_RANDOM_STATE, stratify=y.numpy())
-    idx_tr, idx_te = torch.as_tensor(idx_tr), torch.as_tensor(idx_te)
-    return x[idx_tr], y[idx_tr], x[idx_te], y[idx_te]
-
-
 def _shift(x: torch.Tensor, g: torch.Generator, max_shift: int = 1) -> torch.Tensor:
     """Random translation by up to ``max_shift`` pixels (background -1 fills the border)."""
     n, _, h, w = x.shape
