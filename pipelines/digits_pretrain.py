@@ -43,7 +43,7 @@ import json
 import math
 import os
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
