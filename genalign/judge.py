@@ -18,16 +18,14 @@ PCA basis fitted on held-out REAL images (:class:`PixelPCA`), independent of eve
 
 Images are ``[N, C, H, W]`` tensors, all in the same value range (the project's reward images are in
 ``[0, 1]``); channels are averaged, so grey RGB and single-channel images give the same features.
-Only torch, numpy and scipy are used.
+Only torch and numpy are used.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
-import scipy.linalg
 import torch
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
@@ -85,31 +83,40 @@ class PixelPCA:
         return (x - self.mean) @ self.components.T
 
 
-def frechet_distance(feats_a: ArrayLike, feats_b: ArrayLike, eps: float = 1e-6) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets ``[N, D]`` (arXiv 1706.08500, eq. 6)::
+def feature_stats(features: torch.Tensor):
+    """``[N, D]`` -> ``(mean [D], covariance [D, D])`` in float64 (N >= 2)."""
+    f = _as_float64(features).reshape(len(features), -1)
+    if len(f) < 2:
+        raise ValueError(f"statistics need at least 2 feature vectors, got {len(f)}")
+    return f.mean(0), torch.cov(f.T).reshape(f.shape[1], f.shape[1])
 
-        |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))
 
-    computed in float64 with ``scipy.linalg.sqrtm``; the real part of the root is kept (tiny imaginary parts
-    are numerical noise). When the product is singular enough that the root is not finite, ``eps * I`` is
-    added to both covariances (as pytorch-fid does). The result is clamped at 0.
+def _sqrtm_psd(s: torch.Tensor) -> torch.Tensor:
+    """Symmetric PSD square root by eigendecomposition (negative round-off eigenvalues clamped to 0)."""
+    vals, vecs = torch.linalg.eigh((s + s.T) / 2)
+    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+
+
+def frechet_from_stats(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
+    """``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))`` -> scalar tensor (float64; arXiv 1706.08500, eq. 6).
+
+    ``tr (S1 S2)^(1/2) = tr (S1^(1/2) S2 S1^(1/2))^(1/2)``: a symmetric PSD root, stable for singular S (the one
+    implementation of the project: the judge here and DRAGON's distributional rewards use it).
     """
+    mu1, s1, mu2, s2 = (t.double() for t in (mu1, s1, mu2, s2))
+    r1 = _sqrtm_psd(s1)
+    middle = r1 @ s2 @ r1
+    tr_root = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
+    return ((mu1 - mu2) ** 2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * tr_root
+
+
+def frechet_distance(feats_a: ArrayLike, feats_b: ArrayLike) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets ``[N, D]`` (:func:`frechet_from_stats`),
+    clamped at 0 (round-off)."""
     a, b = _as_float64(feats_a), _as_float64(feats_b)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"feature sets must be [N, D] with the same D, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.shape[0] < 2 or b.shape[0] < 2:
-        raise ValueError("each feature set needs at least 2 rows for a covariance")
-    mu_a, mu_b = a.mean(0).numpy(), b.mean(0).numpy()
-    s_a, s_b = np.atleast_2d(np.cov(a.numpy(), rowvar=False)), np.atleast_2d(np.cov(b.numpy(), rowvar=False))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Matrix is singular and may not have a square root"
-        root = scipy.linalg.sqrtm(s_a @ s_b)
-        if not np.isfinite(root).all():
-            offset = np.eye(s_a.shape[0]) * eps
-            root = scipy.linalg.sqrtm((s_a + offset) @ (s_b + offset))
-    root = np.real(root)
-    value = float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(root))
-    return max(value, 0.0)
+    return max(float(frechet_from_stats(*feature_stats(a), *feature_stats(b))), 0.0)
 
 
 def mean_pairwise_distance(feats: ArrayLike) -> float:

@@ -137,13 +137,19 @@ class OptimizerStep:
     def run(self, backwards: Iterable[Callable[[bool], Dict[str, torch.Tensor]]], where: str = ""):
         """One optimizer step over ``backwards``: callables ``fn(sync) -> stats`` that compute a loss and call
         :meth:`backward` with ``sync``; the last one synchronises. Returns (summed stats, grad norm)."""
-        fns = list(backwards)
         self.zero_grad()
+        sums = self.accumulate(backwards)
+        return sums, self.step(where)
+
+    @staticmethod
+    def accumulate(backwards: Iterable[Callable[[bool], Dict[str, torch.Tensor]]]) -> Dict[str, torch.Tensor]:
+        """Run ``backwards`` (the last one synchronises) without stepping -> their summed statistics."""
+        fns = list(backwards)
         sums: Dict[str, torch.Tensor] = {}
         for i, fn in enumerate(fns):
             for k, v in fn(i == len(fns) - 1).items():
                 sums[k] = sums[k] + v if k in sums else v
-        return sums, self.step(where)
+        return sums
 
 
 OPTIMIZERS = ("adamw", "adamw8bit")

@@ -258,12 +258,7 @@ class Trainer:
     def accumulate(self, units, rows: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The gradients of one optimizer step over ``rows`` of ``units`` without applying them (tests,
         benchmarks); returns the step's summed statistics."""
-        sums: Dict[str, torch.Tensor] = {}
-        fns = self.objective.backwards(units, rows)
-        for i, fn in enumerate(fns):
-            for k, v in fn(i == len(fns) - 1).items():
-                sums[k] = sums[k] + v if k in sums else v
-        return sums
+        return self.optim.accumulate(self.objective.backwards(units, rows))
 
     def _failure_detail(self) -> str:
         return (f"{self.objective.describe_failure()}. The optimizer step was skipped, so the weights are unchanged; "

@@ -32,6 +32,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from genalign.judge import feature_stats, frechet_from_stats as frechet_distance  # noqa: F401 - re-exported
+from genalign.judge import vendi_score as _vendi
 from genalign.reward_api import SetScore, greedy_split, leave_one_out  # noqa: F401 - re-exported
 
 from .dino import DINO_MODEL, IMAGE_SUFFIXES, load_reference_images
@@ -39,46 +41,12 @@ from .dino import DINO_MODEL, IMAGE_SUFFIXES, load_reference_images
 References = Union[str, Sequence[str], torch.Tensor]
 
 
-# ---------------------------------------------------------------------- statistics
-
-def feature_stats(features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``[N, D]`` -> ``(mean [D], covariance [D, D])`` in float64 (N >= 2)."""
-    f = features.detach().double().reshape(len(features), -1)
-    if len(f) < 2:
-        raise ValueError(f"statistics need at least 2 feature vectors, got {len(f)}")
-    return f.mean(0), torch.cov(f.T).reshape(f.shape[1], f.shape[1])
-
-
-def _sqrtm_psd(s: torch.Tensor) -> torch.Tensor:
-    """Symmetric PSD square root by eigendecomposition (negative round-off eigenvalues clamped to 0)."""
-    vals, vecs = torch.linalg.eigh((s + s.T) / 2)
-    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
-
-
-def frechet_distance(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor, s2: torch.Tensor) -> torch.Tensor:
-    """``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))`` -> scalar (float64).
-
-    ``tr (S1 S2)^(1/2) = tr (S1^(1/2) S2 S1^(1/2))^(1/2)``: a symmetric PSD root, stable for singular S.
-    """
-    mu1, s1, mu2, s2 = (t.double() for t in (mu1, s1, mu2, s2))
-    r1 = _sqrtm_psd(s1)
-    middle = r1 @ s2 @ r1
-    tr_root = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
-    return ((mu1 - mu2) ** 2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * tr_root
-
+# ---------------------------------------------------------------------- statistics (genalign.judge)
 
 def vendi_score(embeddings: torch.Tensor) -> torch.Tensor:
-    """Vendi diversity ``exp(-sum l log l)``, ``l`` = eigenvalues of ``K / n``, ``K_ij = cos(e_i, e_j)``.
+    """Vendi diversity of ``[N, D]`` embeddings as a float64 scalar tensor (:func:`genalign.judge.vendi_score`)."""
+    return torch.tensor(_vendi(embeddings), dtype=torch.float64)
 
-    ``[N, D]`` -> scalar in ``[1, N]`` (1 for identical embeddings, N for orthogonal ones).
-    """
-    e = F.normalize(embeddings.detach().double(), dim=-1)
-    lam = torch.linalg.eigvalsh(e @ e.T / len(e)).clamp_min(0)
-    lam = lam[lam > 1e-12]
-    return torch.exp(-(lam * lam.log()).sum())
-
-
-# ---------------------------------------------------------------------- set -> per-sample
 
 # ---------------------------------------------------------------------- encoders
 
@@ -115,6 +83,9 @@ class DinoEncoder:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         cls, patches = self.cls_and_patches(images)
         return cls if self.token == "cls" else patches.mean(1)
+
+
+# ---------------------------------------------------------------------- encoders
 
 
 class ClipEncoder:
