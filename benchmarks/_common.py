@@ -11,7 +11,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # quiet profiler start/stop lines
 

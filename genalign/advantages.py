@@ -18,7 +18,7 @@ Under data parallelism, call the estimator on the all-gathered rewards and group
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, NamedTuple, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 

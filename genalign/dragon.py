@@ -27,7 +27,7 @@ collective there could wait forever.
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import List
 
 import torch
 

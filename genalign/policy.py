@@ -29,6 +29,10 @@ class Policy(Protocol):
     kind: ``"flow"`` (velocity prediction, sigmas in [0, 1]) or ``"ddpm"`` (noise prediction; the
         schedule's sigmas are ``sqrt(1 - alpha_bar)``).
     guidance_scale: CFG scale used inside :meth:`predict` (Flux: the guidance embedding value).
+
+    Optional: ``independent_judge() -> hook(images, prompts) -> {eval/...: float}``, a realism / diversity
+    judge in a feature space no reward uses (:mod:`genalign.judge`); the trainer logs it at every evaluation
+    when present (``eval.judge``). The digits adapter provides one.
     """
 
     kind: str

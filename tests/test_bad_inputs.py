@@ -5,7 +5,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 from genalign.config import ConfigError, load_config
 from genalign.lora import add_lora, load_lora, save_lora

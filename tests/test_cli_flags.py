@@ -27,11 +27,7 @@ def flux_lora(tmp_path_factory):
     model = tm.save_pipeline(tm.tiny_flux(with_text_encoders=True), root / "model")
     policy = FluxPolicy.from_pretrained(model, device="cpu", height=tm.TINY_RES, width=tm.TINY_RES)
     add_lora(policy.denoiser(), rank=2, alpha=4, target_modules=policy.lora_target_modules)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in policy.denoiser().named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    tm.randomize_lora(policy.denoiser(), 0.05)
     lora = str(root / "run" / "final" / "lora")
     save_lora(policy, lora, model)
     return model, lora

@@ -7,14 +7,16 @@ import re
 
 import pytest
 import torch
+from genalign.pipelines import load_policy
 from PIL import Image
 
 from genalign import grid as G
 from genalign.cli import main
 from genalign.lora import add_lora, save_lora
-from genalign.pipelines import load_policy
 from genalign.rlg import RLGPolicy
 from genalign.sampling import Variant, load_policy_with_loras, sample_images
+
+from .tiny_models import randomize_lora
 
 PROMPTS = ["the digit 3", "a handwritten seven"]
 STEPS = 4
@@ -25,11 +27,7 @@ def lora_dir(tmp_path_factory):
     """A LoRA that changes the model (random non-zero B matrices), saved like a trained one."""
     policy = load_policy("digits")
     add_lora(policy.denoiser(), rank=4, alpha=8, target_modules=policy.lora_target_modules)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in policy.denoiser().named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    randomize_lora(policy.denoiser(), 0.1)
     out = str(tmp_path_factory.mktemp("run") / "final" / "lora")
     save_lora(policy, out, "digits")
     return out

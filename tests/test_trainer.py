@@ -2,7 +2,6 @@
 resume, and bad input."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -206,3 +206,14 @@ def save_pipeline(pipe, directory) -> str:
     """Save ``pipe`` with ``save_pretrained`` into ``directory`` and return its path (for ``XPolicy.from_pretrained``)."""
     pipe.save_pretrained(str(directory))
     return str(directory)
+
+
+def randomize_lora(denoiser, scale: float, seed: int = 0) -> None:
+    """Give a freshly added LoRA non-zero B matrices (so it changes the model), deterministically."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in denoiser.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
