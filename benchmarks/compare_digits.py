@@ -1,18 +1,23 @@
-"""Compare Flow-GRPO, Flow-GRPO-Fast, TempFlow-GRPO, GRPO-Guard and MixGRPO on the digits task.
+"""Compare Flow-GRPO, Flow-GRPO-Fast, TempFlow-GRPO, GRPO-Guard and MixGRPO on the digits task, over seeds.
 
-Every method runs the ONE trainer (configs/digits.yaml + its ``method``'s defaults) with the same seed and
-the same budget of generated images. Periodic ODE evaluations report prompt accuracy and the Frechet
-distance (FD) of the digit classifier's penultimate features to the real held-out digits. Writes
+Every method runs the ONE trainer (configs/digits.yaml + its ``method``'s defaults) with the same budget of
+generated images, once per training seed. Periodic ODE evaluations report prompt accuracy, the Frechet distance
+(FD) of the digit classifier's penultimate features to the real held-out digits (the reward's own feature space,
+blind to reward hacking) and the independent judge the digits adapter logs (``eval/fd_independent``,
+``eval/diversity_ratio``: pixel PCA fitted on the real train split, see ``genalign/judge.py``). Writes
 ``benchmarks/results/compare_digits.json``::
 
-    {"methods": {name: {"samples_to_target": int | null, "model_calls_to_target": int | null,
-                        "final_accuracy": float, "final_fd": float, "model_calls": int, "train_s": float,
-                        "curve": [{"samples": int, "model_calls": int, "accuracy": float, "fd": float}, ...]}},
+    {"methods": {name: {"seeds": [{"seed", "samples_to_target", "model_calls_to_target", "final_accuracy",
+                                   "final_fd", "final_fd_independent", "final_diversity_ratio", "model_calls",
+                                   "train_s", "curve": [{"samples", "model_calls", "accuracy", "fd",
+                                                        "fd_independent", "diversity_ratio"}, ...]}, ...],
+                        "summary": {key: {"mean", "std", "values"}}}},
      "real_fd_floor": float, "target_accuracy": float, "budget_images": int}
 
-and ``compare_digits.png`` (accuracy and FD vs generated images and vs sampling model calls).
-Usage: ``OMP_NUM_THREADS=1 python benchmarks/compare_digits.py configs/compare_digits.yaml [--methods a b]
-[--budget N]``.
+and ``compare_digits.png`` (seed-mean accuracy and independent FD vs generated images and model calls).
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/compare_digits.py configs/compare_digits.yaml [--seeds 0 1 2]
+[--methods a b] [--budget N] [--out FILE]``; ``--merge A.json B.json ...`` merges files written by runs over
+disjoint seeds (e.g. two processes on two cores) into ``--out``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import argparse
 import json
 import os
 import time
-import warnings
 
 import torch
 import yaml
@@ -29,19 +33,11 @@ import yaml
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def feature_stats(feats: torch.Tensor):
-    f = feats.double()
-    return f.mean(0), torch.cov(f.T)
+def frechet(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
+    """Frechet distance of two feature sets (the project's one implementation, :mod:`genalign.judge`)."""
+    from genalign.judge import frechet_distance
 
-
-def frechet(a, b) -> float:
-    """``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))`` from ``(mean, cov)`` pairs."""
-    import scipy.linalg
-
-    warnings.filterwarnings("ignore", message="Matrix is singular")
-    (mu_a, s_a), (mu_b, s_b) = a, b
-    root = scipy.linalg.sqrtm(s_a.numpy() @ s_b.numpy()).real
-    return float(((mu_a - mu_b) ** 2).sum() + torch.trace(s_a + s_b).item() - 2 * root.trace())
+    return float(frechet_distance(feats_a, feats_b))
 
 
 def real_images():
@@ -56,16 +52,16 @@ def first_crossing(curve, key: str, target: float):
     return next((p[key] for p in curve if p["accuracy"] >= target), None)
 
 
-def run_method(name: str, overrides, spec, fd_hook) -> dict:
+def run_method(name: str, overrides, spec, fd_hook, seed: int) -> dict:
     from genalign.config import load_config
     from genalign.trainer import Trainer
 
     per_epoch = 8 * 16
     epochs = spec["budget_images"] // per_epoch
-    extra = [f"num_epochs={epochs}", f"eval.every={max(1, spec['eval_every_images'] // per_epoch)}",
-             f"output_dir={os.path.join(spec['output_dir'], name)}"]
+    extra = [f"seed={seed}", f"num_epochs={epochs}", f"eval.every={max(1, spec['eval_every_images'] // per_epoch)}",
+             f"output_dir={os.path.join(spec['output_dir'], f'{name}-seed{seed}')}"]
     cfg = load_config(spec["base"], list(spec.get("overrides", [])) + list(overrides) + extra)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, overwrite=True)
     trainer.eval_hooks.append(fd_hook)
     t0 = time.time()
     trainer.train()
@@ -73,12 +69,43 @@ def run_method(name: str, overrides, spec, fd_hook) -> dict:
         rows = [json.loads(line) for line in fh]
     acc_key = next(k for k in rows[0] if k.startswith("eval/") and k.endswith("accuracy"))
     curve = [{"samples": r["samples_seen"], "model_calls": r.get("model_calls", 0), "accuracy": r[acc_key],
-              "fd": r["eval/fd"]} for r in rows if acc_key in r]
+              "fd": r["eval/fd"], "fd_independent": r.get("eval/fd_independent"),
+              "diversity_ratio": r.get("eval/diversity_ratio")} for r in rows if acc_key in r]
     target = spec["target_accuracy"]
-    return {"samples_to_target": first_crossing(curve, "samples", target),
+    return {"seed": seed, "samples_to_target": first_crossing(curve, "samples", target),
             "model_calls_to_target": first_crossing(curve, "model_calls", target),
-            "final_accuracy": curve[-1]["accuracy"], "final_fd": curve[-1]["fd"], "model_calls": trainer.model_calls,
-            "train_s": time.time() - t0, "curve": curve}
+            "final_accuracy": curve[-1]["accuracy"], "final_fd": curve[-1]["fd"],
+            "final_fd_independent": curve[-1]["fd_independent"], "final_diversity_ratio": curve[-1]["diversity_ratio"],
+            "model_calls": trainer.model_calls, "train_s": time.time() - t0, "curve": curve}
+
+
+SUMMARY_KEYS = ("samples_to_target", "model_calls_to_target", "final_accuracy", "final_fd", "final_fd_independent",
+                "final_diversity_ratio", "train_s")
+
+
+def summarize(seeds: list) -> dict:
+    """Mean and (population) std over seeds of each headline figure; a seed that never reached the target counts
+    as missing (its ``values`` entry is None)."""
+    out = {}
+    for key in SUMMARY_KEYS:
+        values = [r[key] for r in seeds]
+        known = [v for v in values if v is not None]
+        mean = sum(known) / len(known) if known else None
+        std = (sum((v - mean) ** 2 for v in known) / len(known)) ** 0.5 if known else None
+        out[key] = {"mean": mean, "std": std, "values": values}
+    return out
+
+
+def merge(results: dict, extra: dict) -> dict:
+    """Add ``extra``'s per-seed results to ``results`` (same seed of the same method: ``extra`` wins)."""
+    for key in ("real_fd_floor", "target_accuracy", "budget_images"):
+        results.setdefault(key, extra.get(key))
+    for name, m in extra.get("methods", {}).items():
+        mine = {r["seed"]: r for r in results.setdefault("methods", {}).get(name, {}).get("seeds", [])}
+        mine.update({r["seed"]: r for r in m.get("seeds", [])})
+        seeds = [mine[k] for k in sorted(mine)]
+        results["methods"][name] = {"seeds": seeds, "summary": summarize(seeds)}
+    return results
 
 
 def plot(results: dict, path: str) -> None:
@@ -88,16 +115,18 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    for name, r in results["methods"].items():
+    for name, m in results["methods"].items():
+        curves = [r["curve"] for r in m["seeds"]]
+        n = min(len(c) for c in curves)
         for col, x in enumerate(("samples", "model_calls")):
-            xs = [p[x] for p in r["curve"]]
-            axes[0, col].plot(xs, [p["accuracy"] for p in r["curve"]], label=name)
-            axes[1, col].plot(xs, [p["fd"] for p in r["curve"]], label=name)
+            xs = [curves[0][i][x] for i in range(n)]
+            for row, key in enumerate(("accuracy", "fd_independent")):
+                ys = [sum(c[i][key] or 0.0 for c in curves) / len(curves) for i in range(n)]
+                axes[row, col].plot(xs, ys, label=name)
     for col, x in enumerate(("generated images", "sampling model calls")):
         axes[0, col].axhline(results["target_accuracy"], color="grey", ls=":")
-        axes[1, col].axhline(results["real_fd_floor"], color="grey", ls=":")
-        axes[0, col].set_ylabel("eval accuracy")
-        axes[1, col].set_ylabel("FD to held-out digits")
+        axes[0, col].set_ylabel("eval accuracy (mean over seeds)")
+        axes[1, col].set_ylabel("independent FD (pixel PCA, mean over seeds)")
         axes[1, col].set_xlabel(x)
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
@@ -110,8 +139,17 @@ def main() -> None:
     parser.add_argument("config", nargs="?", default="configs/compare_digits.yaml")
     parser.add_argument("--methods", nargs="*", help="subset of the config's methods")
     parser.add_argument("--budget", type=int, help="override budget_images")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    parser.add_argument("--merge", nargs="+", help="merge these result files into --out and exit")
     parser.add_argument("--out", default=os.path.join(RESULTS, "compare_digits.json"))
     args = parser.parse_args()
+    if args.merge:
+        results: dict = {}
+        for path in args.merge:
+            with open(path) as fh:
+                results = merge(results, json.load(fh))
+        write(results, args.out)
+        return
     torch.set_num_threads(1)
     with open(args.config) as fh:
         spec = yaml.safe_load(fh)
@@ -122,27 +160,34 @@ def main() -> None:
     scorer = DigitCorrectReward("digits")
     real = real_images()
     half = len(real) // 2
-    real_stats = feature_stats(scorer.features(real))
-    floor = frechet(feature_stats(scorer.features(real[:half])), feature_stats(scorer.features(real[half:])))
+    real_feats = scorer.features(real)
+    floor = frechet(scorer.features(real[:half]), scorer.features(real[half:]))
 
     def fd_hook(images, prompts):
-        return {"eval/fd": frechet(feature_stats(scorer.features(images)), real_stats)}
+        return {"eval/fd": frechet(scorer.features(images), real_feats)}
 
-    for name in args.methods or list(spec["methods"]):
-        r = run_method(name, spec["methods"][name], spec, fd_hook)
-        print(f"{name}: to {spec['target_accuracy']}: {r['samples_to_target']} images / {r['model_calls_to_target']} "
-              f"calls; final acc {r['final_accuracy']:.3f} FD {r['final_fd']:.2f} ({r['train_s']:.0f} s)", flush=True)
-        # merge into the results file after every method (runs with disjoint --methods may share one file)
-        results = {"methods": {}}
-        if os.path.isfile(args.out):
-            with open(args.out) as fh:
-                results = json.load(fh)
-        results.update(real_fd_floor=floor, target_accuracy=spec["target_accuracy"], budget_images=spec["budget_images"])
-        results["methods"][name] = r
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(results, fh, indent=1)
-        plot(results, os.path.splitext(args.out)[0] + ".png")
+    for seed in args.seeds:
+        for name in args.methods or list(spec["methods"]):
+            r = run_method(name, spec["methods"][name], spec, fd_hook, seed)
+            print(f"{name} seed {seed}: to {spec['target_accuracy']}: {r['samples_to_target']} images / "
+                  f"{r['model_calls_to_target']} calls; final acc {r['final_accuracy']:.3f} FD {r['final_fd']:.2f} "
+                  f"FD_ind {r['final_fd_independent']:.3f} div {r['final_diversity_ratio']:.2f} ({r['train_s']:.0f} s)",
+                  flush=True)
+            # merge into the results file after every run (runs over disjoint seeds may share one file)
+            results = {}
+            if os.path.isfile(args.out):
+                with open(args.out) as fh:
+                    results = json.load(fh)
+            results = merge(results, {"real_fd_floor": floor, "target_accuracy": spec["target_accuracy"],
+                                      "budget_images": spec["budget_images"], "methods": {name: {"seeds": [r]}}})
+            write(results, args.out)
+
+
+def write(results: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(results, fh, indent=1)
+    plot(results, os.path.splitext(path)[0] + ".png")
 
 
 if __name__ == "__main__":
