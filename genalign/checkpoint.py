@@ -163,6 +163,10 @@ class Checkpointer:
             if tr.ema is not None:
                 shadow = tr.ema.state_dict()["shadow"]
                 save_file({str(i): s.contiguous() for i, s in enumerate(shadow)}, os.path.join(tmp, "ema.safetensors"))
+            extra = tr.objective.state_dict()
+            if extra:
+                save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()},
+                          os.path.join(tmp, "objective.safetensors"))
             with open(os.path.join(tmp, "trainer_state.json"), "w") as fh:
                 json.dump({**tr.counters(), "ema_updates": tr.ema.num_updates if tr.ema else 0,
                            "run_id": tr.run_id}, fh)
@@ -206,6 +210,9 @@ class Checkpointer:
                                     "num_updates": state.get("ema_updates", 0)})
         tr.epoch, tr.global_step, tr.samples_seen = state["epoch"], state["global_step"], state["samples_seen"]
         tr.model_calls = state.get("model_calls", 0)
+        tr.monitor.load_state_dict(state.get("hacking"))
+        if os.path.isfile(os.path.join(path, "objective.safetensors")):
+            tr.objective.load_state_dict(load_file(os.path.join(path, "objective.safetensors")))
         tr.optim.num_steps = tr.global_step
         return tr.epoch
 

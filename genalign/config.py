@@ -237,6 +237,27 @@ class EvalConfig:
     """Also log an independent realism / diversity judge when the model adapter provides one
     (``independent_judge()``; digits: ``eval/fd_independent``, ``eval/diversity_ratio``, ``eval/vendi`` in a
     pixel-PCA space no reward shares; one process only)."""
+    judge_encoder: Optional[str] = None
+    """Judge realism / diversity with this image encoder instead of the adapter's own judge (a
+    ``genalign.encoders`` entry point: ``dino``, ``clip`` or ``digits``; pick one that no reward in use shares): ``eval/fd_independent`` to ``eval.judge_references``,
+    ``eval/diversity`` (mean pairwise feature distance within each prompt), ``eval/vendi``,
+    ``eval/precision`` / ``eval/recall`` (k-NN manifolds, arXiv 1904.06991). Needs ``eval.judge_references``."""
+    judge_references: Optional[str] = None
+    """Reference images for ``eval.judge_encoder`` (a directory of images): the real distribution to match."""
+    judge_options: Dict[str, Any] = field(default_factory=dict)
+    """Keyword options of the judge encoder (e.g. ``{model: facebook/dinov2-base}``)."""
+    max_fd_rise: float = 0.10
+    """Reward-hacking check: flag an evaluation whose eval/reward is above the first evaluation's while
+    eval/fd_independent is more than this fraction above the first evaluation's (0 disables the check)."""
+    max_diversity_drop: float = 0.10
+    """Reward-hacking check: flag when the diversity (eval/diversity_ratio, else eval/diversity) is more than this
+    fraction below the first evaluation's while eval/reward is above it (0 disables the check)."""
+    on_hacking: str = "warn"
+    """What a flagged evaluation does: 'warn' (a RewardHackingWarning naming the metric and threshold),
+    'stop' (warn, then end training after this epoch) or 'ignore'."""
+    keep_best: bool = True
+    """Keep the weights of the evaluation with the highest eval/reward among those not flagged as hacking in
+    <output_dir>/best (with best.json: its epoch and metrics)."""
 
 
 @dataclass
@@ -248,6 +269,26 @@ class CheckpointConfig:
     the main process; 0 disables), so a crash loses at most about this much work."""
     keep_last: int = 2
     """Checkpoints kept on disk."""
+
+
+@dataclass
+class NFTConfig:
+    """Options of ``method: diffusion_nft`` (DiffusionNFT, arXiv 2509.16117; docs/algorithms.md §11; refused under
+    other methods when changed from their defaults)."""
+
+    beta: float = 1.0
+    """Implicit-policy strength: positive velocity ``beta v + (1 - beta) v_old``, negative
+    ``(1 + beta) v_old - beta v`` (the paper's beta; 1.0 by default, 0.1 for its OCR run)."""
+    old_decay_rate: float = 0.001
+    """The sampling ("old") policy follows the trained one after every epoch as ``old = d old + (1 - d) theta``
+    with ``d = min(old_decay_rate * (optimizer steps - old_decay_delay), old_decay_max)`` (0 before the delay)."""
+    old_decay_max: float = 0.5
+    """Upper bound of that decay d (0: the old policy is the trained one after every epoch)."""
+    old_decay_delay: int = 0
+    """Optimizer steps before the decay starts growing."""
+    adaptive_weight: bool = True
+    """Divide each sample's x0 squared error by its (stop-gradient) mean absolute x0 error, as the released code
+    does; false: the plain flow-matching MSE."""
 
 
 @dataclass
@@ -323,6 +364,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     dragon: DragonConfig = field(default_factory=DragonConfig)
+    nft: NFTConfig = field(default_factory=NFTConfig)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
     @property
@@ -339,6 +381,10 @@ class Config:
         _choice("train.advantage_std", t.advantage_std, ["group", "batch", "none"])
         _choice("train.kl_form", t.kl_form, ["exact", "flow_grpo"])
         _choice("train.optimizer", t.optimizer, ["adamw", "adamw8bit"])
+        _choice("eval.on_hacking", self.eval.on_hacking, ["warn", "stop", "ignore"])
+        if self.eval.judge_encoder and not self.eval.judge_references:
+            raise ConfigError(f"eval.judge_encoder = {self.eval.judge_encoder!r} needs eval.judge_references "
+                              f"(a directory of reference images the judge compares with)")
         text_options = [k for k in ("drop_t5", "offload_text_encoders", "cache_prompt_embeds") if getattr(self.model, k)]
         if text_options and self.model.id == "digits":
             raise ConfigError(f"model.{text_options[0]} applies to diffusers text-to-image models (SD3 / Flux / SD); "

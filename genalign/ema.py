@@ -22,7 +22,11 @@ class EMA:
     def step(self, optimizer_step: int) -> None:
         if optimizer_step % self.every:
             return
-        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        self.blend(min(self.decay, (1 + self.num_updates) / (10 + self.num_updates)))
+
+    @torch.no_grad()
+    def blend(self, d: float) -> None:
+        """``shadow = d * shadow + (1 - d) * param`` once (counts as an update)."""
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1 - d)
         self.num_updates += 1
 

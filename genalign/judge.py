@@ -174,6 +174,25 @@ def diversity_ratio(gen_feats: ArrayLike, gen_labels: ArrayLike, real_feats: Arr
     return within_class_diversity(gen_feats, g, shared) / real if real > 0 else float("nan")
 
 
+def precision_recall(gen_feats: ArrayLike, real_feats: ArrayLike, k: int = 3) -> Dict[str, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019, "Improved Precision and Recall Metric for
+    Assessing Generative Models", arXiv 1904.06991): each set's manifold is the union of balls around its
+    points with radius the distance to the point's ``k``-th nearest neighbour in the same set. Precision = the
+    fraction of generated points inside the real manifold (realism), recall = the fraction of real points inside
+    the generated manifold (coverage). Both in [0, 1]; each set needs more than ``k`` points."""
+    g, r = _as_float64(gen_feats), _as_float64(real_feats)
+    if min(len(g), len(r)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} points per set, got {len(g)} and {len(r)}")
+
+    def radii(x: torch.Tensor) -> torch.Tensor:  # distance to the k-th neighbour, self excluded
+        return torch.cdist(x, x).kthvalue(k + 1, dim=1).values
+
+    def inside(points: torch.Tensor, centres: torch.Tensor) -> float:
+        return float((torch.cdist(points, centres) <= radii(centres)[None]).any(dim=1).double().mean())
+
+    return {"precision": inside(g, r), "recall": inside(r, g)}
+
+
 def judge(images: ArrayLike, prompt_labels: ArrayLike, real_images: ArrayLike, real_labels: ArrayLike,
           pca: PixelPCA) -> Dict[str, float]:
     """Judge generated ``images [N, C, H, W]`` (prompted classes ``prompt_labels [N]``) against real
@@ -185,3 +204,64 @@ def judge(images: ArrayLike, prompt_labels: ArrayLike, real_images: ArrayLike, r
             "diversity": within_class_diversity(gen, prompt_labels),
             "diversity_ratio": diversity_ratio(gen, prompt_labels, real, real_labels),
             "vendi": vendi_score(gen)}
+
+
+class EncoderJudge:
+    """The independent judge for any image model: an image encoder (``encode(images [N, 3, H, W] in [0, 1]) ->
+    [N, D]``, e.g. DINOv2 or CLIP; choose one that no reward in use shares) and reference images of the target
+    distribution. Called as ``judge(images, prompts) -> {"eval/fd_independent", "eval/diversity", "eval/vendi",
+    "eval/precision", "eval/recall"}``: the Frechet distance of the generated features to the references',
+    the mean within-prompt pairwise feature distance (no per-prompt real reference exists, so it is absolute:
+    compare runs with the base's value, as :class:`genalign.hacking.HackingMonitor` does), the Vendi score and
+    k-NN precision / recall (:func:`precision_recall`).
+
+    references: ``[M, 3, H, W]`` in ``[0, 1]`` or a directory of images (read with PIL, resized to the generated
+    images' size on first use).
+    """
+
+    def __init__(self, encoder, references, k: int = 3):
+        if not hasattr(encoder, "encode"):
+            raise TypeError(f"the judge encoder must have encode(images), got {type(encoder).__name__}")
+        self.encoder, self.references, self.k = encoder, references, k
+        self._real: Optional[torch.Tensor] = None
+
+    def _reference_features(self, size) -> torch.Tensor:
+        if self._real is None:
+            refs = self.references
+            if isinstance(refs, str):
+                refs = load_image_dir(refs, size)
+            self._real = _as_float64(self.encoder.encode(refs.float()))
+        return self._real
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> Dict[str, float]:
+        gen = _as_float64(self.encoder.encode(images.float()))
+        real = self._reference_features(tuple(images.shape[-2:]))
+        ids = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+        out = {"eval/fd_independent": frechet_distance(gen, real),
+               "eval/diversity": within_class_diversity(gen, torch.tensor([ids[p] for p in prompts])),
+               "eval/vendi": vendi_score(gen)}
+        if min(len(gen), len(real)) > self.k:
+            out.update({f"eval/{k}": v for k, v in precision_recall(gen, real, self.k).items()})
+        return out
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def load_image_dir(path: str, size) -> torch.Tensor:
+    """Every image file of directory ``path`` (sorted) as RGB ``[M, 3, H, W]`` in ``[0, 1]`` resized to ``size``
+    ``(H, W)`` (bilinear); ``ValueError`` for a missing directory or one without images."""
+    import os
+
+    from PIL import Image
+
+    if not os.path.isdir(path):
+        raise ValueError(f"judge reference directory {path!r} does not exist")
+    files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise ValueError(f"judge reference directory {path!r} has no images ({', '.join(IMAGE_SUFFIXES)})")
+    out = []
+    for f in files:
+        img = Image.open(os.path.join(path, f)).convert("RGB").resize((int(size[1]), int(size[0])), Image.BILINEAR)
+        out.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1))
+    return torch.stack(out)

@@ -34,7 +34,7 @@ import torch
 from .choices import CRITERIA, LOSSES, PAIRINGS, SET_SPLITS
 from .errors import ConfigError, check_choice
 from .losses import KTO_REFERENCES
-from .methods import EpochPlan, branch_plan, full_plan, window_plan
+from .methods import EpochPlan, branch_plan, forward_process_plan, full_plan, window_plan
 from .registry import Registry
 
 METHODS = Registry("method")
@@ -212,6 +212,37 @@ class Dragon(MethodSpec):
         if not isinstance(d.max_swaps, int) or d.max_swaps < 0:
             raise ConfigError(f"dragon.max_swaps must be an int >= 0, got {d.max_swaps!r}")
         _no_dynamic_sampling(cfg, self.name, "it trains D+ / D- splits, not group advantages")
+
+
+@register_method
+@dataclass(frozen=True)
+class DiffusionNFT(MethodSpec):
+    """DiffusionNFT (arXiv 2509.16117): online RL on the forward process. Samples come from the "old" policy
+    with any sampler (deterministic ODE by default, CFG-free); each is trained on the flow-matching loss
+    through an implicit positive policy ``beta v + (1 - beta) v_old`` weighted by its reward-derived optimality
+    ``r = clip(A / advantage_clip / 2 + 0.5, 0, 1)`` and an implicit negative one ``(1 + beta) v_old - beta v``
+    weighted by ``1 - r``; no log-probs (docs/algorithms.md §11). Options ``nft.*``."""
+
+    name: str = "diffusion_nft"
+    objective: str = "nft"
+    defaults: Dict[str, Any] = field(default_factory=lambda: {
+        "sampling": {"noise_level": 0.0}, "train": {"kl_beta": 0.0, "advantage_std": "batch"}})
+    options: Tuple[str, ...] = ("nft",)
+
+    def validate(self, cfg) -> None:
+        n = cfg.nft
+        if not n.beta > 0:
+            raise ConfigError(f"nft.beta must be > 0, got {n.beta}")
+        if not 0 <= n.old_decay_max < 1 or n.old_decay_rate < 0 or n.old_decay_delay < 0:
+            raise ConfigError(f"nft.old_decay_max must be in [0, 1) and nft.old_decay_rate, nft.old_decay_delay >= 0, "
+                              f"got {n.old_decay_max}, {n.old_decay_rate}, {n.old_decay_delay}")
+        if cfg.train.advantage_clip <= 0:
+            raise ConfigError(f"train.advantage_clip must be > 0 for diffusion_nft (it maps advantages to the "
+                              f"optimality weight r), got {cfg.train.advantage_clip}")
+        _no_dynamic_sampling(cfg, self.name, "it trains every sample of the epoch")
+
+    def plan(self, cfg, epoch: int, group_ids: torch.Tensor, base_levels: torch.Tensor) -> EpochPlan:
+        return forward_process_plan(cfg, group_ids, base_levels)
 
 
 @register_method

@@ -106,10 +106,20 @@ def plan_epoch(cfg, epoch: int, group_ids: torch.Tensor, base_levels: torch.Tens
     return cfg.method_spec().plan(cfg, epoch, group_ids, base_levels)
 
 
+def trainable_tensor(cfg) -> torch.Tensor:
+    """``cfg.trainable_steps()`` as a tensor; ``ConfigError`` when no step is stochastic (log-prob methods)."""
+    steps = cfg.trainable_steps()
+    if not steps:
+        from .errors import ConfigError
+
+        raise ConfigError("no stochastic step to train: sampling.noise_level is 0")
+    return torch.tensor(steps, dtype=torch.long)
+
+
 def full_plan(cfg, group_ids: torch.Tensor, base_levels: torch.Tensor) -> EpochPlan:
     """Every sample: the levels ``base_levels [T]`` (full SDE) and all trainable steps trained."""
     T, N = cfg.sampling.num_steps, len(group_ids)
-    trainable = torch.tensor(cfg.trainable_steps(), dtype=torch.long)
+    trainable = trainable_tensor(cfg)
     return EpochPlan(base_levels.expand(N, T).clone(), trainable.expand(N, len(trainable)).clone(), N * T)
 
 
@@ -119,11 +129,27 @@ def window_plan(cfg, window: Dict, epoch: int, group_ids: torch.Tensor) -> Epoch
     if not window:
         raise ValueError("window_plan needs a window spec (sampling.window)")
     T, N = cfg.sampling.num_steps, len(group_ids)
-    trainable = torch.tensor(cfg.trainable_steps(), dtype=torch.long)
+    trainable = trainable_tensor(cfg)
     window = {**window, "num_trainable": len(trainable)}
     size = mixgrpo_window(window, cfg.seed, epoch)[1] if window["kind"] == "mixgrpo" else window["size"]
     steps = trainable[window_starts(window, cfg.seed, epoch, group_ids)[:, None] + torch.arange(size)]
     return EpochPlan(_levels_at(steps, N, T, cfg.sampling.noise_level), steps, N * T)
+
+
+def nft_steps(cfg) -> torch.Tensor:
+    """The steps a forward-process objective (DiffusionNFT) trains on: the first
+    ``max(1, int(timestep_fraction * T))`` noise levels ``sigmas[j]`` of the sampler's schedule, whatever the
+    sampler's noise (ODE samples included)."""
+    T = cfg.sampling.num_steps
+    return torch.arange(max(1, int(cfg.train.timestep_fraction * T)))
+
+
+def forward_process_plan(cfg, group_ids: torch.Tensor, base_levels: torch.Tensor) -> EpochPlan:
+    """Every sample: sampled with ``base_levels [T]`` (ODE when ``sampling.noise_level`` is 0) and trained at
+    each step of :func:`nft_steps`."""
+    T, N = cfg.sampling.num_steps, len(group_ids)
+    steps = nft_steps(cfg)
+    return EpochPlan(base_levels.expand(N, T).clone(), steps.expand(N, len(steps)).clone(), N * T)
 
 
 def _levels_at(steps: torch.Tensor, n: int, num_steps: int, level: float) -> torch.Tensor:
@@ -135,7 +161,7 @@ def branch_plan(cfg, spec: Dict, epoch: int, group_ids: torch.Tensor) -> EpochPl
     -> seed ``m // (K S)``, branching slot ``(m // K) % S``, branch ``m % K``."""
     if not spec:
         raise ValueError("branch_plan needs a branching spec (sampling.branching)")
-    trainable = torch.tensor(cfg.trainable_steps(), dtype=torch.long)
+    trainable = trainable_tensor(cfg)
     K, S, T = spec["branches"], spec["num_steps"], cfg.sampling.num_steps
     member = member_index(group_ids)
     seed_ids = group_ids * spec["seeds"] + member // (K * S)

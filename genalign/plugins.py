@@ -36,6 +36,7 @@ from .registry import Registry
 REWARDS_GROUP = "genalign.rewards"
 PIPELINES_GROUP = "genalign.pipelines"
 COMMANDS_GROUP = "genalign.commands"
+ENCODERS_GROUP = "genalign.encoders"
 
 _PIPELINES = Registry("model adapter")
 
@@ -94,6 +95,22 @@ def load_command(name: str) -> Callable[[List[str]], Optional[int]]:
     except KeyError:
         raise ValueError(f"unknown command {name!r}; declared commands: {available_commands()} (is the package "
                          f"that provides it installed?)") from None
+
+
+def available_encoders() -> List[str]:
+    """Names of the image encoders declared in the ``genalign.encoders`` group (the judge's feature spaces)."""
+    return sorted(entry_points(ENCODERS_GROUP))
+
+
+def load_encoder(name: str, device=None, **options) -> Any:
+    """The image encoder ``name`` of the ``genalign.encoders`` group, built with ``device`` and ``options``
+    (an object with ``encode(images [N, 3, H, W] in [0, 1]) -> [N, D]``)."""
+    try:
+        cls = load_entry_point(ENCODERS_GROUP, name)
+    except KeyError:
+        raise ValueError(f"unknown judge encoder {name!r} (eval.judge_encoder); declared encoders: "
+                         f"{available_encoders()}") from None
+    return cls(device=device, **options)
 
 
 # ----------------------------------------------------------------------------------- model adapters
@@ -231,6 +248,6 @@ def load_policy(model_id: str, device=None, dtype=None, guidance_scale: Optional
     return cls.from_pretrained(model_id, device=device, **kwargs)
 
 
-__all__ = ["COMMANDS_GROUP", "PIPELINES_GROUP", "REWARDS_GROUP", "PluginError", "available_commands",
+__all__ = ["COMMANDS_GROUP", "ENCODERS_GROUP", "available_encoders", "load_encoder", "PIPELINES_GROUP", "REWARDS_GROUP", "PluginError", "available_commands",
            "available_pipelines", "entry_points", "load_command", "load_entry_point", "load_policy",
            "hub_model_index", "pipeline_adapter", "policy_class", "register_pipeline"]

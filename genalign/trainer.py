@@ -15,6 +15,7 @@ losses are normalised by GLOBAL counts, so N processes compute what one process 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
 import warnings
@@ -30,6 +31,7 @@ from .advantages import zero_variance_groups
 from .checkpoint import Checkpointer, resolve_resume
 from .config import Config, ConfigError
 from .ema import EMA
+from .hacking import HackingMonitor
 from .lora import add_lora, has_lora, save_lora
 from .methods import EpochPlan, mix_seed as _seed
 from .objectives import EpochBatch, TrainContext, build_objective
@@ -115,9 +117,10 @@ class Trainer:
         self.noise_levels = self._noise_levels()
         self.epoch, self.samples_seen, self.model_calls = 0, 0, 0
         # extra evaluation metrics: callables (eval images [N, 3, H, W], prompts) -> {name: float} (one process)
-        self.eval_hooks: List = []
-        if cfg.eval.judge and self.eval_prompts and hasattr(self.policy, "independent_judge"):
-            self.eval_hooks.append(self.policy.independent_judge())
+        self.eval_hooks: List = [self._judge()] if cfg.eval.judge and self.eval_prompts else []
+        self.eval_hooks = [h for h in self.eval_hooks if h is not None]
+        e = cfg.eval
+        self.monitor = HackingMonitor(e.max_fd_rise, e.max_diversity_drop, e.on_hacking)
         self.run_dir = RunDir(cfg, self.acc, trackers)
         self.metrics_path = self.run_dir.metrics_path
         self.checkpointer = Checkpointer(self)
@@ -131,6 +134,18 @@ class Trainer:
         self.run_dir.start(resumed)
 
     # ------------------------------------------------------------------ setup
+    def _judge(self):
+        """The independent realism / diversity judge: ``eval.judge_encoder`` with ``eval.judge_references``
+        (:class:`genalign.judge.EncoderJudge`), else the adapter's own ``independent_judge()``, else None."""
+        e = self.cfg.eval
+        if e.judge_encoder:
+            from .judge import EncoderJudge
+            from .plugins import load_encoder
+
+            return EncoderJudge(load_encoder(e.judge_encoder, device=self.acc.device, **e.judge_options),
+                                e.judge_references)
+        return self.policy.independent_judge() if hasattr(self.policy, "independent_judge") else None
+
     def _setup_trainable(self) -> None:
         cfg, t = self.cfg, self.cfg.train
         for module in _policy_modules(self.policy):
@@ -189,7 +204,6 @@ class Trainer:
     def plan(self, epoch: int) -> EpochPlan:
         """Noise levels and trained steps of every sample of ``epoch`` (windows, branching; see
         :mod:`genalign.methods`), identical on every process."""
-        self.trainable_steps()  # raises when nothing is stochastic
         return methods.plan_epoch(self.cfg, epoch, self.sampler.epoch(epoch)[1], self.noise_levels)
 
     # ------------------------------------------------------------------ the loop
@@ -198,18 +212,21 @@ class Trainer:
         t0 = time.time()
         self.checkpointer.start_clock()
         if self.epoch == 0 and self.eval_prompts:
-            self.run_dir.log({"epoch": 0, "global_step": 0, "samples_seen": 0, **self.evaluate(save_before=True)})
+            evals = self.evaluate(save_before=True)
+            self.run_dir.log({"epoch": 0, "global_step": 0, "samples_seen": 0, **evals, **self._watch(0, evals)})
         for epoch in range(self.epoch, cfg.num_epochs):
             t_start = time.time()
             extra = self.train_discriminator(epoch) if self.adversary is not None else {}
             plan = self.plan(epoch)
-            if cfg.train.dynamic_sampling:
-                batch, dyn = self.dynamic_sample_epoch(epoch, plan)
-                extra.update(dyn)
-            else:
-                batch = EpochBatch(*self.sample_epoch(epoch, plan), plan=plan)
+            with self.objective.sampling_context():  # the weights that sample (DiffusionNFT: the old policy)
+                if cfg.train.dynamic_sampling:
+                    batch, dyn = self.dynamic_sample_epoch(epoch, plan)
+                    extra.update(dyn)
+                else:
+                    batch = EpochBatch(*self.sample_epoch(epoch, plan), plan=plan)
             t_sampled = time.time()
             stats = self.optimise(epoch, batch) if len(batch.rewards) else {}
+            self.objective.after_epoch(self.global_step)
             t_trained = time.time()
             n_sampled = cfg.samples_per_epoch * int(extra.get("dynamic/rounds", 1))
             self.epoch, self.samples_seen = epoch + 1, self.samples_seen + n_sampled
@@ -224,11 +241,34 @@ class Trainer:
                    "samples_per_s": n_sampled / max(t_trained - t_start, 1e-9), "elapsed_s": time.time() - t0}
             last = self.epoch == cfg.num_epochs
             if self.eval_prompts and (last or (cfg.eval.every and self.epoch % cfg.eval.every == 0)):
-                row.update(self.evaluate())
+                evals = self.evaluate()
+                row.update(evals)
+                row.update(self._watch(self.epoch, evals))
             self.run_dir.log(row)
-            if self.checkpointer.due(self.epoch, last):  # the same decision on every process (collective save)
+            stop = self.monitor.stop_requested
+            if self.checkpointer.due(self.epoch, last or stop):  # the same decision on every process
                 self.save()
+            if stop:
+                break
         return self.finish()
+
+    def _watch(self, epoch: int, evals: Dict[str, float]) -> Dict[str, float]:
+        """The reward-hacking check of one evaluation (:class:`genalign.hacking.HackingMonitor`); with
+        ``eval.keep_best`` a new best unflagged evaluation writes its weights to ``<output_dir>/best``."""
+        out = self.monitor.update(epoch, evals)
+        if out.get("hacking/is_best") and self.cfg.eval.keep_best:
+            best = os.path.join(self.cfg.output_dir, "best")
+            if self.is_main:
+                import shutil
+
+                shutil.rmtree(best, ignore_errors=True)
+                os.makedirs(best)
+            self.acc.wait_for_everyone()
+            self.save_weights(best)  # collective when sharded; the main process writes
+            if self.is_main:
+                with open(os.path.join(best, "best.json"), "w") as fh:
+                    json.dump(self.monitor.best, fh, indent=1)
+        return out
 
     def optimise(self, epoch: int, batch: EpochBatch) -> Dict[str, float]:
         """The objective's optimizer steps on this epoch's batch (``train.num_minibatches`` per inner epoch)."""
@@ -451,7 +491,7 @@ class Trainer:
         from .config import to_dict
 
         return {"epoch": self.epoch, "global_step": self.global_step, "samples_seen": self.samples_seen,
-                "model_calls": self.model_calls, "config": to_dict(self.cfg)}
+                "model_calls": self.model_calls, "hacking": self.monitor.state_dict(), "config": to_dict(self.cfg)}
 
     def save_weights(self, directory: str) -> None:
         """The trainable weights into ``directory``: ``lora/`` (adapters) or ``denoiser.safetensors``. Call on

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from .base import OBJECTIVES, EpochBatch, TrainContext, register_objective
 from .dragon import Dragon
+from .nft import DiffusionNFT
 from .policy_gradient import PolicyGradient
 
 
@@ -27,5 +28,5 @@ def build_objective(name: str, ctx: TrainContext):
     return OBJECTIVES.get(name)(ctx)
 
 
-__all__ = ["OBJECTIVES", "Dragon", "EpochBatch", "PolicyGradient", "TrainContext", "build_objective",
+__all__ = ["OBJECTIVES", "DiffusionNFT", "Dragon", "EpochBatch", "PolicyGradient", "TrainContext", "build_objective",
            "register_objective"]

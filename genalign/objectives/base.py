@@ -18,6 +18,31 @@ def register_objective(name: str):
     return OBJECTIVES.register(name)
 
 
+class ObjectiveBase:
+    """Defaults of the optional parts of the objective protocol (see :mod:`genalign.objectives`)."""
+
+    def sampling_context(self):
+        """Context the epoch's samples are drawn in (DiffusionNFT: the old policy's weights swapped in)."""
+        return contextlib.nullcontext()
+
+    def after_step(self) -> None:
+        """Called after every optimizer step."""
+
+    def after_epoch(self, global_step: int) -> None:
+        """Called after the epoch's optimizer steps (``global_step``: optimizer steps so far)."""
+
+    def epoch_stats(self) -> Dict[str, float]:
+        """Statistics logged once per epoch."""
+        return {}
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """Tensors the objective needs to resume exactly (saved with every checkpoint)."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_dict`."""
+
+
 @dataclass
 class TrainContext:
     """What an objective uses to compute losses: the config, the policy, accelerate, the optimizer step, and the
@@ -77,4 +102,4 @@ class EpochBatch:
     plan: Optional[object] = None
 
 
-__all__ = ["OBJECTIVES", "EpochBatch", "TrainContext", "register_objective"]
+__all__ = ["OBJECTIVES", "EpochBatch", "ObjectiveBase", "TrainContext", "register_objective"]

@@ -17,7 +17,7 @@ import torch
 from .. import losses
 from ..dragon import DEFAULT_BETA, _units, denoising_losses, split_labels
 from ..methods import mix_seed
-from .base import EpochBatch, register_objective
+from .base import EpochBatch, ObjectiveBase, register_objective
 
 
 @dataclass
@@ -29,7 +29,7 @@ class DragonUnits:
 
 
 @register_objective("dragon")
-class Dragon:
+class Dragon(ObjectiveBase):
     """Diffusion-DPO / Diffusion-KTO on the D+ / D- split of each epoch."""
 
     def __init__(self, ctx):
@@ -105,14 +105,8 @@ class Dragon:
         loss = per_unit.sum() / total
         return loss, {"loss": loss.detach(), "dragon/model_mse": model.detach().sum() / total / micro.shape[1], **extra}
 
-    def after_step(self) -> None:
-        pass
-
     def describe_failure(self) -> str:
         return "the DRAGON preference loss (flow-matching MSE of the policy or the reference)"
-
-    def epoch_stats(self) -> Dict[str, float]:
-        return {}
 
 
 __all__ = ["Dragon", "DragonUnits"]

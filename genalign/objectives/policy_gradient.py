@@ -25,7 +25,7 @@ from ..advantages import compute_advantages, zero_variance_groups
 from ..methods import mix_seed
 from ..rollout import Trajectory, gather_steps, recompute_step
 from ..sde import gaussian_kl
-from .base import EpochBatch, register_objective
+from .base import EpochBatch, ObjectiveBase, register_objective
 
 
 @dataclass
@@ -42,7 +42,7 @@ class PGUnits:
 
 
 @register_objective("policy_gradient")
-class PolicyGradient:
+class PolicyGradient(ObjectiveBase):
     """Clipped policy gradient on per-step log-probs (PPO-clip / CISPO surrogates, any aggregation)."""
 
     def __init__(self, ctx):

@@ -1,0 +1,180 @@
+"""DiffusionNFT (Zheng et al. 2025, "DiffusionNFT: Online Diffusion Reinforcement with Forward Process",
+arXiv 2509.16117; docs/algorithms.md §11): policy optimisation on the forward (noising) process.
+
+Samples are drawn by the "old" policy (any sampler; the method's default is the deterministic ODE) and scored;
+group advantages ``A`` become optimality weights ``r = clip(A / c / 2 + 1/2, 0, 1)`` (``c = train.advantage_clip``).
+Each sample is noised afresh at the trained noise levels, ``x_t = (1 - t) x0 + t eps``, and the trained velocity
+``v`` defines two implicit policies around the old one ``v_old``:
+
+    v+ = beta v + (1 - beta) v_old          v- = (1 + beta) v_old - beta v
+
+The loss pulls v+ towards the flow-matching target on good samples and v- on bad ones:
+``c / beta * [r ||x0(v+) - x0||^2 / w+ + (1 - r) ||x0(v-) - x0||^2 / w-]`` with ``x0(v) = x_t - t v`` and the
+adaptive weights ``w`` = the stop-gradient mean absolute x0 error of each sample (``nft.adaptive_weight``; off:
+the plain velocity MSE). Minimising it moves ``v`` along ``r``-weighted directions, so the policy improves
+without likelihoods, CFG or a particular sampler. Optional ``train.kl_beta * ||v - v_ref||^2`` (velocity space).
+
+After each epoch the old policy follows: ``old = d old + (1 - d) theta`` with
+``d = min(nft.old_decay_rate * (steps - nft.old_decay_delay), nft.old_decay_max)``.
+
+Units are (sample, trained step) pairs; each draws its noise from its own seed (epoch, global sample index,
+step), so neither accumulation nor the process count changes the loss, which is a mean over the GLOBAL unit
+count of the optimizer step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+
+from ..ema import EMA
+from ..methods import mix_seed
+from .base import EpochBatch, ObjectiveBase, register_objective
+
+
+@dataclass
+class NFTUnits:
+    """This process's trajectories and their units: ``rows [U]`` (local rows), ``steps [U]`` (trained step j)
+    and ``seeds [U]``; ``r [n]`` the optimality weight of each local row."""
+
+    traj: object
+    rows: torch.Tensor
+    steps: torch.Tensor
+    seeds: torch.Tensor
+    r: torch.Tensor
+    r_global: torch.Tensor
+
+
+def optimality(adv: torch.Tensor, clip: float) -> torch.Tensor:
+    """Advantages -> optimality weights ``clip(A / clip / 2 + 0.5, 0, 1)`` in [0, 1]."""
+    return (adv.clamp(-clip, clip) / clip / 2 + 0.5).clamp(0, 1)
+
+
+def nft_loss(v: torch.Tensor, v_old: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
+             r: torch.Tensor, beta: float, clip: float, adaptive: bool = True) -> torch.Tensor:
+    """Per-sample DiffusionNFT loss ``[B]`` (see the module docstring). ``v``, ``v_old``, ``x_t``, ``x0``:
+    ``[B, ...]``; ``t``, ``r``: ``[B]``."""
+    tt = t.view(-1, *[1] * (x0.ndim - 1)).to(v.dtype)
+    v_old = v_old.detach()
+    pos = beta * v + (1 - beta) * v_old
+    neg = (1 + beta) * v_old - beta * v
+    dims = tuple(range(1, x0.ndim))
+
+    def err(vel: torch.Tensor) -> torch.Tensor:
+        if not adaptive:  # plain flow-matching MSE against the target velocity (x_t - x0) / t
+            return (tt * vel - (x_t - x0)).pow(2).mean(dims) / tt.flatten().pow(2)
+        x0_hat = x_t - tt * vel
+        w = (x0_hat.detach().double() - x0.double()).abs().mean(dims).clamp_min(1e-5).to(vel.dtype)
+        return (x0_hat - x0).pow(2).mean(dims) / w
+
+    return clip * (r * err(pos) + (1 - r) * err(neg)) / beta
+
+
+@register_objective("nft")
+class DiffusionNFT(ObjectiveBase):
+    """DiffusionNFT on the trainer's samples (see the module docstring)."""
+
+    def __init__(self, ctx):
+        self.ctx = self.tr = ctx
+        self.cfg = ctx.cfg
+        params = [p for p in ctx.policy.denoiser().parameters() if p.requires_grad]
+        self.old = EMA(params, 0.0, 1)  # the old (sampling) policy: a copy of the trainable weights
+        self.decay = 0.0
+
+    # ------------------------------------------------------------------ protocol
+    def sampling_context(self):
+        return self.old.swapped_in()
+
+    def advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+        from ..advantages import compute_advantages
+
+        t = self.cfg.train
+        extra = {"std": t.advantage_std} if t.advantage == "grpo" else {}
+        if t.advantage_unbiased_std:
+            extra["unbiased"] = True
+        return compute_advantages(t.advantage, rewards, group_ids, **extra)
+
+    def prepare(self, epoch: int, batch: EpochBatch) -> NFTUnits:
+        r_global = optimality(self.advantages(batch.rewards, batch.group_ids), self.cfg.train.advantage_clip)
+        local = batch.local
+        keep = (local >= 0).nonzero().flatten()  # padding rows train nothing
+        steps = batch.plan.train_steps[local.clamp_min(0)]
+        k = steps.shape[1]
+        rows = keep.repeat_interleave(k)
+        js = steps[keep].flatten()
+        seeds = torch.tensor([mix_seed(self.cfg.seed, epoch, int(local[i]), int(j), 23) for i, j in zip(rows, js)],
+                             dtype=torch.long)
+        return NFTUnits(batch.traj, rows, js, seeds, r_global[local.clamp_min(0)], r_global)
+
+    def stats(self, u: NFTUnits) -> Dict[str, float]:
+        return {"nft/r_mean": u.r_global.mean().item(), "nft/r_std": u.r_global.std().item(),
+                "nft/old_decay": self.decay}
+
+    def minibatches(self, u: NFTUnits, epoch: int, inner: int) -> List[torch.Tensor]:
+        gen = torch.Generator().manual_seed(mix_seed(self.cfg.seed, epoch, inner, self.tr.rank, 29))
+        return list(torch.tensor_split(torch.randperm(len(u.rows), generator=gen), self.cfg.train.num_minibatches))
+
+    def backwards(self, u: NFTUnits, ids: torch.Tensor):
+        t, dev = self.cfg.train, self.tr.device
+        total = self.tr.acc.reduce(torch.tensor(float(len(ids)), device=dev), "sum").clamp_min(1)
+        fns = [self._backward_fn(u, ids[s:s + t.batch_size], total, 1.0) for s in range(0, len(ids), t.batch_size)]
+        if not fns:  # no unit on this process: a zero-weighted pass keeps the processes' collectives matched
+            fns.append(self._backward_fn(u, torch.zeros(1, dtype=torch.long), total, 0.0))
+        return fns
+
+    def _backward_fn(self, u: NFTUnits, ids: torch.Tensor, total, weight: float):
+        def run(sync: bool) -> Dict[str, torch.Tensor]:
+            loss, st = self.unit_loss(u, ids, total)
+            self.tr.optim.backward(loss * weight if weight != 1.0 else loss, sync)
+            return {k: v * weight for k, v in st.items()}
+        return run
+
+    def unit_loss(self, u: NFTUnits, ids: torch.Tensor, total):
+        """Loss of units ``ids`` over the global unit count, and its statistics."""
+        tr, dev, t = self.tr, self.tr.device, self.cfg.train
+        rows, js = u.rows[ids], u.steps[ids]
+        sub = u.traj.select(rows).to(dev)
+        x0 = sub.final.float()
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(int(s)))
+                             for s in u.seeds[ids]]).to(dev)
+        r_idx = torch.arange(len(rows), device=dev)
+        j = js.to(dev)
+        sig, timesteps = sub.sigmas[r_idx, j].float(), sub.timesteps[r_idx, j]
+        x_t = (1 - sig.view(-1, *[1] * (x0.ndim - 1))) * x0 + sig.view(-1, *[1] * (x0.ndim - 1)) * noise
+        with tr.autocast():
+            with torch.no_grad(), self.old.swapped_in():
+                v_old = tr.policy.predict(x_t, timesteps, sub.cond).float()
+            v = tr.policy.predict(x_t, timesteps, sub.cond).float()
+            kl = None
+            if t.kl_beta > 0:
+                with torch.no_grad(), tr.reference():
+                    v_ref = tr.policy.predict(x_t, timesteps, sub.cond).float()
+                kl = (v - v_ref).pow(2).flatten(1).mean(1)
+        per = nft_loss(v, v_old, x_t, x0, sig, u.r[rows].to(dev), self.cfg.nft.beta, t.advantage_clip,
+                       self.cfg.nft.adaptive_weight)
+        loss = per.sum() / total
+        st = {"loss": loss.detach(), "nft/old_deviation": (v - v_old).detach().pow(2).mean() * len(rows) / total}
+        if kl is not None:
+            loss = loss + t.kl_beta * kl.sum() / total
+            st["kl"] = kl.detach().sum() / total
+        return loss, st
+
+    def after_epoch(self, global_step: int) -> None:
+        n = self.cfg.nft
+        self.decay = min(max(global_step - n.old_decay_delay, 0) * n.old_decay_rate, n.old_decay_max)
+        self.old.blend(self.decay)
+
+    def describe_failure(self) -> str:
+        return "the DiffusionNFT loss (velocity of the policy or of the old policy)"
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {f"old.{i}": s for i, s in enumerate(self.old.shadow)}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        self.old.load_state_dict({"shadow": [state[f"old.{i}"] for i in range(len(self.old.shadow))],
+                                  "num_updates": 0})
+
+
+__all__ = ["DiffusionNFT", "NFTUnits", "nft_loss", "optimality"]
