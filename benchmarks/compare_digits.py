@@ -68,27 +68,59 @@ def run_method(name: str, overrides, spec, fd_hook, seed: int) -> dict:
     with open(trainer.metrics_path) as fh:
         rows = [json.loads(line) for line in fh]
     acc_key = next(k for k in rows[0] if k.startswith("eval/") and k.endswith("accuracy"))
-    curve = [{"samples": r["samples_seen"], "model_calls": r.get("model_calls", 0), "accuracy": r[acc_key],
-              "fd": r["eval/fd"], "fd_independent": r.get("eval/fd_independent"),
-              "diversity_ratio": r.get("eval/diversity_ratio")} for r in rows if acc_key in r]
+    curve, seconds = [], 0.0
+    for r in rows:  # seconds: sampling + training time so far, evaluations excluded
+        seconds += r.get("time/sample_s", 0.0) + r.get("time/train_s", 0.0)
+        if acc_key in r:
+            curve.append({"samples": r["samples_seen"], "model_calls": r.get("model_calls", 0), "seconds": seconds,
+                          "accuracy": r[acc_key], "fd": r["eval/fd"], "fd_independent": r.get("eval/fd_independent"),
+                          "diversity_ratio": r.get("eval/diversity_ratio")})
     target = spec["target_accuracy"]
-    return {"seed": seed, "samples_to_target": first_crossing(curve, "samples", target),
-            "model_calls_to_target": first_crossing(curve, "model_calls", target),
-            "final_accuracy": curve[-1]["accuracy"], "final_fd": curve[-1]["fd"],
-            "final_fd_independent": curve[-1]["fd_independent"], "final_diversity_ratio": curve[-1]["diversity_ratio"],
-            "model_calls": trainer.model_calls, "train_s": time.time() - t0, "curve": curve}
+    out = {"seed": seed, "samples_to_target": first_crossing(curve, "samples", target),
+           "model_calls_to_target": first_crossing(curve, "model_calls", target),
+           "final_accuracy": curve[-1]["accuracy"], "final_fd": curve[-1]["fd"],
+           "final_fd_independent": curve[-1]["fd_independent"], "final_diversity_ratio": curve[-1]["diversity_ratio"],
+           "model_calls": trainer.model_calls, "train_s": time.time() - t0, "curve": curve}
+    out.update(at_targets(curve, spec.get("targets", [target])))
+    out.update(best_within_judge(curve, spec.get("max_fd_rise", 0.10), spec.get("min_diversity_ratio", 0.90)))
+    return out
+
+
+def at_targets(curve, targets) -> dict:
+    """Per accuracy target t: images, model calls and seconds to the first evaluation reaching it, and the
+    independent FD / diversity ratio at that evaluation (None when never reached)."""
+    out = {}
+    for t in targets:
+        hit = next((p for p in curve if p["accuracy"] >= t), None)
+        for key, src in (("samples_to", "samples"), ("seconds_to", "seconds"), ("fd_independent_at", "fd_independent"),
+                         ("diversity_at", "diversity_ratio")):
+            out[f"{key}_{t}"] = hit[src] if hit else None
+    return out
+
+
+def best_within_judge(curve, max_fd_rise: float, min_diversity: float) -> dict:
+    """The highest accuracy among evaluations that keep realism and diversity (independent FD at most
+    ``1 + max_fd_rise`` times the base's, the first evaluation, and diversity ratio at least ``min_diversity``
+    of real digits'), with its images: what the run reaches without collapsing."""
+    base = curve[0]["fd_independent"]
+    ok = [p for p in curve if p["fd_independent"] is not None and p["fd_independent"] <= (1 + max_fd_rise) * base
+          and p["diversity_ratio"] >= min_diversity]
+    best = max(ok, key=lambda p: p["accuracy"]) if ok else None
+    return {"best_ok_accuracy": best["accuracy"] if best else None, "best_ok_samples": best["samples"] if best else None}
 
 
 SUMMARY_KEYS = ("samples_to_target", "model_calls_to_target", "final_accuracy", "final_fd", "final_fd_independent",
-                "final_diversity_ratio", "train_s")
+                "final_diversity_ratio", "train_s", "best_ok_accuracy", "best_ok_samples")
+TARGET_KEYS = ("samples_to", "seconds_to", "fd_independent_at", "diversity_at")
 
 
 def summarize(seeds: list) -> dict:
     """Mean and (population) std over seeds of each headline figure; a seed that never reached the target counts
     as missing (its ``values`` entry is None)."""
     out = {}
-    for key in SUMMARY_KEYS:
-        values = [r[key] for r in seeds]
+    keys = list(SUMMARY_KEYS) + sorted({k for r in seeds for k in r if k.startswith(TARGET_KEYS)})
+    for key in keys:
+        values = [r.get(key) for r in seeds]
         known = [v for v in values if v is not None]
         mean = sum(known) / len(known) if known else None
         std = (sum((v - mean) ** 2 for v in known) / len(known)) ** 0.5 if known else None

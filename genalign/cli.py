@@ -151,17 +151,21 @@ def eval_settings(args) -> dict:
     ``mixed_precision``), else the defaults (the LoRA's base model from its ``base_model.json``, else digits;
     8 per prompt, seed 0, the model's steps, batch 32). ``--reward-options`` replaces the run's
     ``reward_options``; ``--height`` / ``--width`` / ``--dtype`` override ``model.*``."""
-    from .prompts import read_prompts
+    from .prompts import read_prompt_records
 
     cfg = _run_config(args.config) if args.config else None
 
     def pick(flag, from_cfg, default):
         return flag if flag is not None else (from_cfg() if cfg is not None else default)
 
+    metadata = None
     if args.prompts_file or args.prompt:
         prompts = _prompts(args)
+        if args.prompts_file:
+            metadata = [r["metadata"] for r in read_prompt_records(args.prompts_file)]
     elif cfg is not None and cfg.eval_prompts_file:
-        prompts = read_prompts(cfg.eval_prompts_file)
+        records = read_prompt_records(cfg.eval_prompts_file)
+        prompts, metadata = [r["prompt"] for r in records], [r["metadata"] for r in records]
     else:
         raise SystemExit("genalign eval: give --prompts-file FILE, --prompt TEXT or --config RUN/config.json "
                          "(with eval_prompts_file set)")
@@ -173,7 +177,7 @@ def eval_settings(args) -> dict:
     if reward_options is None:
         reward_options = cfg.reward_options if cfg is not None and not args.rewards else None
     return {
-        "model": pick(args.model, lambda: m.id, None), "prompts": prompts, "rewards": rewards,
+        "model": pick(args.model, lambda: m.id, None), "prompts": prompts, "metadata": metadata, "rewards": rewards,
         "reward_options": reward_options,
         "num_per_prompt": pick(args.num_per_prompt, lambda: cfg.eval.num_per_prompt, 8),
         "seed": pick(args.seed, lambda: cfg.eval.seed, 0),
@@ -184,6 +188,10 @@ def eval_settings(args) -> dict:
         "dtype": args.dtype or (m.dtype if m is not None else None),
         "mixed_precision": cfg.mixed_precision if cfg is not None else "no",
         "model_kwargs": {**(m.policy_kwargs() if m is not None else {}), **_size_kwargs(args)},
+        "judge": not args.no_judge and (cfg.eval.judge if cfg is not None else True),
+        "judge_encoder": args.judge_encoder or (cfg.eval.judge_encoder if cfg is not None else None),
+        "judge_references": args.judge_references or (cfg.eval.judge_references if cfg is not None else None),
+        "judge_options": cfg.eval.judge_options if cfg is not None else None,
     }
 
 
@@ -312,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image i uses seed SEED + i, checkpoint and baseline alike (default 0, or eval.seed)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (fixed seed 0)")
     _add_reward_options(p)
+    p.add_argument("--no-judge", action="store_true", help="skip the independent realism / diversity judge")
+    p.add_argument("--judge-encoder", default=None,
+                   help="judge with this image encoder (dino, clip, digits) against --judge-references "
+                        "(default: the run's eval.judge_encoder, else the model adapter's own judge)")
+    p.add_argument("--judge-references", default=None, help="directory of reference images for --judge-encoder")
     p.add_argument("--out", required=True, help="directory for eval.json and eval.md")
     p.set_defaults(model=None, batch_size=None)  # resolved by eval_settings (flag, else --config, else default)
     p.set_defaults(func=_cmd_eval)
@@ -353,7 +366,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     """The ``genalign`` command. Known errors (a bad config, a missing model or file, no checkpoint to resume,
     a failing reward, a non-finite loss) print one line ``genalign CMD: error: ...`` and exit 2 (bad input) or
     1 (the run failed); ``genalign --debug CMD ...`` shows their traceback instead."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "pretrain-digits":  # its options belong to the command: pass them through in order
+        argv = list(sys.argv[1:] if argv is None else argv)
+        args.rest = [a for a in argv[argv.index("pretrain-digits") + 1:] if a != "--"]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     bad_input, failed = _known_errors()
     try:
         return args.func(args)

@@ -283,9 +283,14 @@ class NFTConfig:
     """The sampling ("old") policy follows the trained one after every epoch as ``old = d old + (1 - d) theta``
     with ``d = min(old_decay_rate * (optimizer steps - old_decay_delay), old_decay_max)`` (0 before the delay)."""
     old_decay_max: float = 0.5
-    """Upper bound of that decay d (0: the old policy is the trained one after every epoch)."""
+    """Upper bound of that decay d (0: the old policy is the trained one after every epoch; 1: once d reaches 1
+    the old policy stays where it is, and with ``old_decay_rate`` >= 1 it is the initial model for the whole run)."""
     old_decay_delay: int = 0
     """Optimizer steps before the decay starts growing."""
+    optimality: str = "linear"
+    """How advantages become optimality weights r: 'linear' ``clip(A / train.advantage_clip / 2 + 1/2, 0, 1)``
+    (the paper's default) or 'binary' (1 above the group's mean, 0 below, 1/2 at it: the released code's
+    ``adv_mode: binary``)."""
     adaptive_weight: bool = True
     """Divide each sample's x0 squared error by its (stop-gradient) mean absolute x0 error, as the released code
     does; false: the plain flow-matching MSE."""

@@ -50,12 +50,15 @@ def describe(values: np.ndarray, **bootstrap) -> Dict[str, object]:
     return {"mean": float(values.mean()), "std": std, "ci95": list(bootstrap_ci(values, **bootstrap))}
 
 
-def score_variant(policy, variant: Variant, evaluator: Evaluator, autocast=None) -> Dict[str, np.ndarray]:
+def score_variant(policy, variant: Variant, evaluator: Evaluator, autocast=None, judge=None):
     """Sample and score the evaluator's request with ``variant``: every reward component (and ``reward``, the
-    weighted total) as ``[N]`` per-image values, all processes' images combined."""
+    weighted total) as ``[N]`` per-image values, all processes' images combined; with a ``judge`` (one process)
+    also its metrics ``{"eval/fd_independent", ...}`` as the second value (else ``{}``)."""
+    use_judge = judge is not None and evaluator.world == 1
     with use_variant(policy, variant) as sampler:
-        scores = evaluator.score(sampler, autocast, keep_images=False).scores
-    return {name: v.numpy() for name, v in scores.items()}
+        result = evaluator.score(sampler, autocast, keep_images=use_judge)
+    judged = judge(result.images, result.prompts) if use_judge else {}
+    return {name: v.numpy() for name, v in result.scores.items()}, judged
 
 
 def summarize(prompts: Sequence[str], num_per_prompt: int, scores: Dict[str, np.ndarray],
@@ -85,11 +88,14 @@ def evaluate(model: Optional[str], prompts: Sequence[str], rewards, num_per_prom
              resamples: int = BOOTSTRAP_RESAMPLES, bootstrap_seed: int = BOOTSTRAP_SEED, *,
              reward_options: Optional[Dict[str, dict]] = None, dtype: Optional[str] = None,
              mixed_precision: str = "no", model_kwargs: Optional[dict] = None, accelerator=None,
-             config: Optional[str] = None) -> dict:
+             config: Optional[str] = None, judge: bool = True, judge_encoder: Optional[str] = None,
+             judge_references: Optional[str] = None, judge_options: Optional[dict] = None,
+             metadata: Optional[Sequence[dict]] = None) -> dict:
     """Evaluate ``model`` (+ ``lora``) against ``baseline`` (``"base"``, a LoRA path, or None).
 
     model: a model id or directory; None = the base model recorded in the LoRA's ``base_model.json``
-    (:func:`genalign.sampling.resolve_model`).
+    (:func:`genalign.sampling.resolve_model`). metadata: one dict per prompt passed to the rewards with each of
+    its images (a ``.jsonl`` prompt file's fields).
     rewards: reward specs (weight 1 each) or a mapping ``{spec: weight}`` (a run's ``reward``), with
     ``reward_options`` as in the config. dtype, model_kwargs (``height``, ``width``, ``drop_t5``, ...),
     mixed_precision: as the config keys ``model.dtype``, ``model.*`` and ``mixed_precision``. accelerator: for several processes
@@ -101,7 +107,10 @@ def evaluate(model: Optional[str], prompts: Sequence[str], rewards, num_per_prom
     ``bootstrap`` (``resamples``, ``seed``, ``confidence``) and ``rewards``: per reward component ``mean``,
     ``std``, ``ci95``, ``per_prompt`` (``prompt``, ``mean``, and with a baseline ``baseline_mean``,
     ``win_rate``) and, with a baseline, ``baseline`` (``mean``, ``std``, ``ci95``), ``win_rate``,
-    ``win_rate_ci95``.
+    ``win_rate_ci95``; ``judge``: the independent realism / diversity judge of the checkpoint and the baseline
+    (``{"checkpoint": {"eval/fd_independent", ...}, "baseline": {...}}``, one process only; the judge of
+    :func:`genalign.judge.build_judge` from ``judge_encoder`` / ``judge_references`` / ``judge_options``, or the
+    model adapter's own; ``{}`` when ``judge`` is false or none exists).
     """
     from .reward_api import RewardSet
 
@@ -117,11 +126,18 @@ def evaluate(model: Optional[str], prompts: Sequence[str], rewards, num_per_prom
                                        **(model_kwargs or {}))
     reward_set = RewardSet(weights, reward_options, device=str(policy.device))
     steps = default_steps(policy, num_steps)
-    evaluator = Evaluator(prompts, num_per_prompt, seed, steps, batch_size, reward_set, accelerator)
+    evaluator = Evaluator(prompts, num_per_prompt, seed, steps, batch_size, reward_set, accelerator,
+                          metadata=metadata)
     autocast = mixed_precision_autocast(mixed_precision, policy.device)
 
+    from .judge import build_judge
+
+    judge_fn = build_judge(policy, judge_encoder, judge_references, judge_options, policy.device) if judge else None
+    judged = {}
+
     def score(variant: Variant) -> Dict[str, np.ndarray]:
-        return score_variant(policy, variant, evaluator, autocast)
+        values, judged[variant.label] = score_variant(policy, variant, evaluator, autocast, judge_fn)
+        return values
 
     scores = score(Variant("checkpoint", "checkpoint" if lora else None))
     metrics = Evaluator.metrics({k: torch.from_numpy(v) for k, v in scores.items()})
@@ -133,6 +149,7 @@ def evaluate(model: Optional[str], prompts: Sequence[str], rewards, num_per_prom
         "num_per_prompt": num_per_prompt, "seed": seed, "num_steps": steps, "num_samples": evaluator.num_images,
         "reward_weights": weights, "metrics": metrics, "bootstrap": {**bootstrap, "confidence": CONFIDENCE},
         "rewards": summarize(prompts, num_per_prompt, parts, base_scores, **bootstrap),
+        "judge": {k: v for k, v in judged.items() if v},
     }
 
 
@@ -149,8 +166,11 @@ def to_markdown(result: dict) -> str:
              f"from {result['seed']}, {result['num_steps']} steps; baseline: {result['baseline'] or 'none'}. "
              f"CIs: percentile bootstrap, {result['bootstrap']['resamples']} resamples.", "",
              "As a training run logs it: " + ", ".join(f"{k} = {v:.4f}" for k, v in result["metrics"].items())
-             + ".", "",
-             head, "|" + "---|" * head.count(" |")]
+             + ".", ""]
+    for who, values in result.get("judge", {}).items():
+        lines += [f"Independent judge ({who}): " + ", ".join(f"{k.split('/')[-1]} = {v:.4f}" for k, v in values.items())
+                  + ".", ""]
+    lines += [head, "|" + "---|" * head.count(" |")]
     for name, r in result["rewards"].items():
         row = f"| {name} | {r['mean']:.4f} | {r['std']:.4f} | {_fmt_ci(r['ci95'])} |"
         if has_base:

@@ -44,7 +44,8 @@ class Evaluator:
     """Evaluate a policy on ``prompts`` x ``num_per_prompt`` ODE images (image i seeded ``seed + i``).
 
     reward_fn: a :class:`genalign.reward_api.RewardSet` (``(images, prompts, metadata) -> (total [n], parts)``);
-        each image's metadata is ``{"eval": True, "seed": its seed, "index": its global index}``.
+        each image's metadata is its prompt's record metadata (``metadata``, one dict per prompt, e.g. from a
+        ``.jsonl`` prompt file) plus ``{"eval": True, "seed": its seed, "index": its global index}``.
     accelerator: None (one process) or an object with ``process_index``, ``num_processes``, ``device`` and
         ``reduce(tensor, "sum")`` (an ``accelerate.Accelerator``). ``rank`` / ``world`` override its process
         index and count (attributes, settable).
@@ -54,7 +55,7 @@ class Evaluator:
 
     def __init__(self, prompts: Sequence[str], num_per_prompt: int, seed: int, num_steps: Optional[int] = None,
                  batch_size: int = 32, reward_fn=None, accelerator=None, *, rank: Optional[int] = None,
-                 world: Optional[int] = None):
+                 world: Optional[int] = None, metadata: Optional[Sequence[dict]] = None):
         if not prompts:
             raise ValueError("the evaluator needs at least one prompt")
         if num_per_prompt < 1:
@@ -67,6 +68,9 @@ class Evaluator:
         self.rank = int(rank if rank is not None else getattr(accelerator, "process_index", 0))
         self.world = int(world if world is not None else getattr(accelerator, "num_processes", 1))
         self.job_prompts, self.seeds = expand_jobs(self.prompts, self.num_per_prompt, self.seed)
+        if metadata is not None and len(metadata) != len(self.prompts):
+            raise ValueError(f"{len(metadata)} metadata records for {len(self.prompts)} eval prompts")
+        self.metadata = list(metadata) if metadata is not None else [{} for _ in self.prompts]
 
     @property
     def num_images(self) -> int:
@@ -90,7 +94,8 @@ class Evaluator:
         images, totals, parts, start = [], [], {}, 0
         for batch in iter_samples(policy, prompts, seeds, self.num_steps, self.batch_size, autocast=autocast):
             idx = mine[start:start + len(batch)]
-            meta = [{"eval": True, "seed": self.seeds[i], "index": i} for i in idx]
+            meta = [{**self.metadata[i // self.num_per_prompt], "eval": True, "seed": self.seeds[i], "index": i}
+                    for i in idx]
             total, batch_parts = self.reward_fn(batch, prompts[start:start + len(batch)], meta)
             totals.append(total.detach().double().cpu().reshape(-1))
             for k, v in batch_parts.items():

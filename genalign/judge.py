@@ -265,3 +265,16 @@ def load_image_dir(path: str, size) -> torch.Tensor:
         img = Image.open(os.path.join(path, f)).convert("RGB").resize((int(size[1]), int(size[0])), Image.BILINEAR)
         out.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1))
     return torch.stack(out)
+
+
+def build_judge(policy, encoder: Optional[str] = None, references=None, options: Optional[dict] = None, device=None):
+    """The independent judge of a run or an evaluation: ``encoder`` (a ``genalign.encoders`` name) with
+    ``references`` -> :class:`EncoderJudge`; else the model adapter's own ``independent_judge()`` (digits: pixel
+    PCA); else None. A callable ``(images, prompts) -> {"eval/...": float}``."""
+    if encoder:
+        if not references:
+            raise ValueError(f"the judge encoder {encoder!r} needs reference images (eval.judge_references)")
+        from .plugins import load_encoder
+
+        return EncoderJudge(load_encoder(encoder, device=device, **(options or {})), references)
+    return policy.independent_judge() if hasattr(policy, "independent_judge") else None

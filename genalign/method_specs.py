@@ -5,12 +5,12 @@ A spec (:class:`MethodSpec`, a frozen dataclass) holds:
 
 - ``name``: the value of ``method:``;
 - ``objective``: the training objective the trainer runs, ``'policy_gradient'`` (the Flow-GRPO family and
-  Adv-GRPO: clipped policy gradient on per-step log-probs) or ``'dragon'`` (D+ / D- contrast on the
-  flow-matching loss, :mod:`genalign.dragon`);
+  Adv-GRPO: clipped policy gradient on per-step log-probs), ``'dragon'`` (D+ / D- contrast on the
+  flow-matching loss, :mod:`genalign.dragon`) or ``'nft'`` (DiffusionNFT on the forward process);
 - ``defaults``: config keys the method sets, merged UNDER the YAML and the overrides by
   :func:`genalign.config.load_config` (explicit keys win);
 - ``options``: the config keys that are this method's options (``sampling.window``, ``sampling.branching``,
-  ``dragon``, ``adversarial``). An option of another method that differs from its default is refused
+  ``dragon``, ``adversarial``, ``nft``). An option of another method that differs from its default is refused
   (:func:`check_method_options`): ``sampling.window`` without ``method: flow_grpo_fast | mixgrpo`` is an
   error, as is a ``dragon.*`` key without ``method: dragon``;
 - ``reward``: a reward name the method needs in ``reward`` and that no other method may use (Adv-GRPO's
@@ -73,7 +73,8 @@ class MethodSpec:
     name: str = ""
     """The value of ``method:``."""
     objective: str = "policy_gradient"
-    """Name of the training objective the trainer runs (:mod:`genalign.objectives`): 'policy_gradient' or 'dragon'."""
+    """Name of the training objective the trainer runs (:mod:`genalign.objectives`): 'policy_gradient', 'dragon' or
+    'nft'."""
     defaults: Dict[str, Any] = field(default_factory=dict)
     """Config keys set by the method (nested like the YAML), merged under the YAML and the overrides. Paper
     values that depend on the model (clip range, KL beta, lr, TempFlow's 4 seeds x 6 branches) are left to
@@ -233,8 +234,9 @@ class DiffusionNFT(MethodSpec):
         n = cfg.nft
         if not n.beta > 0:
             raise ConfigError(f"nft.beta must be > 0, got {n.beta}")
-        if not 0 <= n.old_decay_max < 1 or n.old_decay_rate < 0 or n.old_decay_delay < 0:
-            raise ConfigError(f"nft.old_decay_max must be in [0, 1) and nft.old_decay_rate, nft.old_decay_delay >= 0, "
+        check_choice("nft.optimality", n.optimality, ["linear", "binary"])
+        if not 0 <= n.old_decay_max <= 1 or n.old_decay_rate < 0 or n.old_decay_delay < 0:
+            raise ConfigError(f"nft.old_decay_max must be in [0, 1] and nft.old_decay_rate, nft.old_decay_delay >= 0, "
                               f"got {n.old_decay_max}, {n.old_decay_rate}, {n.old_decay_delay}")
         if cfg.train.advantage_clip <= 0:
             raise ConfigError(f"train.advantage_clip must be > 0 for diffusion_nft (it maps advantages to the "

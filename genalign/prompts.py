@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
-from typing import List, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -27,18 +28,57 @@ def resolve_prompts_path(path: str) -> str:
     return path
 
 
-def read_prompts(path: str) -> List[str]:
-    """Non-empty, stripped lines of a prompt file; ``digits:NAME`` names a file of the shipped digits assets,
-    ``prompts:NAME`` one of the shipped prompt sets (``genalign.assets/prompts``, listed in the README's
-    "Real models" section)."""
+UNSUPPORTED_FIELDS = ("negative_prompt", "image", "images", "condition_image", "condition_images")
+"""jsonl fields that need per-prompt conditioning the trainer does not pass to the model yet (refused, not ignored)."""
+
+
+def read_prompt_records(path: str) -> List[Dict[str, Any]]:
+    """The prompts of a file as records ``{"prompt": str, "metadata": dict}``.
+
+    ``.jsonl``: one JSON object per non-empty line with a string ``"prompt"``; its other fields (or its
+    ``"metadata"`` object, merged) become the metadata every reward receives with each image of that prompt (e.g.
+    the text an OCR reward should find, the objects of a GenEval prompt). Other files: one prompt per non-empty,
+    stripped line, empty metadata. ``digits:NAME`` / ``prompts:NAME`` name shipped files (:func:`read_prompts`).
+    Errors name the file and the line."""
     path = resolve_prompts_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {path!r} does not exist")
+    records: List[Dict[str, Any]] = []
     with open(path, encoding="utf-8") as fh:
-        prompts = [line.strip() for line in fh if line.strip()]
-    if not prompts:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            if not path.endswith(".jsonl"):
+                records.append({"prompt": line.strip(), "metadata": {}})
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"prompt file {path!r} line {number}: not JSON ({exc.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+                raise ValueError(f"prompt file {path!r} line {number}: each line must be an object with a non-empty "
+                                 f"string \"prompt\"")
+            bad = [k for k in UNSUPPORTED_FIELDS if k in obj]
+            if bad:
+                raise ValueError(f"prompt file {path!r} line {number}: field {bad[0]!r} is not supported yet (per-prompt "
+                                 f"negative prompts and condition images are not passed to the model); remove it or "
+                                 f"move it under \"metadata\" for the rewards only")
+            meta = obj.get("metadata", {})
+            if not isinstance(meta, dict):
+                raise ValueError(f"prompt file {path!r} line {number}: \"metadata\" must be an object")
+            extra = {k: v for k, v in obj.items() if k not in ("prompt", "metadata")}
+            records.append({"prompt": obj["prompt"].strip(), "metadata": {**extra, **meta}})
+    if not records:
         raise ValueError(f"prompt file {path!r} is empty: it needs at least one prompt, one per line")
-    return prompts
+    return records
+
+
+def read_prompts(path: str) -> List[str]:
+    """The prompt texts of a prompt file (:func:`read_prompt_records`): non-empty, stripped lines, or the
+    ``"prompt"`` fields of a ``.jsonl`` file; ``digits:NAME`` names a file of the shipped digits assets,
+    ``prompts:NAME`` one of the shipped prompt sets (``genalign.assets/prompts``, listed in the README's
+    "Real models" section)."""
+    return [r["prompt"] for r in read_prompt_records(path)]
 
 
 class KRepeatSampler:

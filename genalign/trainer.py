@@ -37,7 +37,7 @@ from .methods import EpochPlan, mix_seed as _seed
 from .objectives import EpochBatch, TrainContext, build_objective
 from .optim import NonFiniteError, OptimizerStep, build_optimizer, save_state_hooks
 from .plugins import load_policy
-from .prompts import KRepeatSampler, read_prompts
+from .prompts import KRepeatSampler, read_prompt_records
 from .reward_api import RewardError, RewardSet, TrainableReward, discriminator_round
 from .rollout import Trajectory, rollout
 from .run import RunDir, check_output_dir, check_trackers, clear_run, new_run_id, shown_indices
@@ -81,8 +81,10 @@ class Trainer:
         self.is_main = self.acc.is_main_process
 
         # data and reward first: cheap to fail early on bad input
-        self.prompts = read_prompts(cfg.prompts_file)
-        self.eval_prompts = read_prompts(cfg.eval_prompts_file) if cfg.eval_prompts_file else []
+        records = read_prompt_records(cfg.prompts_file)
+        self.prompts, self.prompt_metadata = [r["prompt"] for r in records], [r["metadata"] for r in records]
+        eval_records = read_prompt_records(cfg.eval_prompts_file) if cfg.eval_prompts_file else []
+        self.eval_prompts = [r["prompt"] for r in eval_records]
         if self.eval_prompts and len(self.eval_prompts) * cfg.eval.num_per_prompt < self.world:
             raise ConfigError(f"{len(self.eval_prompts)} eval prompts x eval.num_per_prompt = {cfg.eval.num_per_prompt} "
                               f"images cannot be shared by {self.world} processes (each needs at least one)")
@@ -110,7 +112,8 @@ class Trainer:
         self.ctx = TrainContext(cfg, self.policy, self.acc, self.optim, self.reward_fn, self.frozen_reference)
         self.evaluator = (Evaluator(self.eval_prompts, cfg.eval.num_per_prompt, cfg.eval.seed,
                                     cfg.eval.num_steps or cfg.sampling.num_steps, cfg.sampling.batch_size,
-                                    self.reward_fn, self.acc) if self.eval_prompts else None)
+                                    self.reward_fn, self.acc, metadata=[r["metadata"] for r in eval_records])
+                          if self.eval_prompts else None)
         self.objective = build_objective(objective_name(cfg), self.ctx)
         self.sampler = KRepeatSampler(len(self.prompts), cfg.sampling.groups_per_epoch, cfg.sampling.group_size,
                                       cfg.seed, self.world, self.rank)
@@ -135,16 +138,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _judge(self):
-        """The independent realism / diversity judge: ``eval.judge_encoder`` with ``eval.judge_references``
-        (:class:`genalign.judge.EncoderJudge`), else the adapter's own ``independent_judge()``, else None."""
-        e = self.cfg.eval
-        if e.judge_encoder:
-            from .judge import EncoderJudge
-            from .plugins import load_encoder
+        """The independent realism / diversity judge (:func:`genalign.judge.build_judge`)."""
+        from .judge import build_judge
 
-            return EncoderJudge(load_encoder(e.judge_encoder, device=self.acc.device, **e.judge_options),
-                                e.judge_references)
-        return self.policy.independent_judge() if hasattr(self.policy, "independent_judge") else None
+        e = self.cfg.eval
+        return build_judge(self.policy, e.judge_encoder, e.judge_references, e.judge_options, self.acc.device)
 
     def _setup_trainable(self) -> None:
         cfg, t = self.cfg, self.cfg.train
@@ -356,7 +354,8 @@ class Trainer:
                                    reduction=s.log_prob_reduction)
                 images = self.policy.decode(traj.final)
             trajs.append(traj)
-            meta = [{"epoch": epoch, "rank": self.rank, "index": start + i} for i in range(len(batch_prompts))]
+            meta = [{**self.prompt_metadata[prompt_idx[local[start + i]]], "epoch": epoch, "rank": self.rank,
+                     "index": start + i} for i in range(len(batch_prompts))]
             call = (self._score, images, batch_prompts, meta, epoch, b)
             futures.append(pool.submit(*call) if pool else call[0](*call[1:]))
         results = [f.result() if pool else f for f in futures]

@@ -7,11 +7,12 @@ module, and that module's heavy dependencies, only then.
 from __future__ import annotations
 
 
-def digit_correct(model_dir: str = "digits", device=None):
-    """Probability, under the shipped digit classifier, of the digit the prompt asks for."""
+def digit_correct(model_dir: str = "digits", device=None, score: str = "probability"):
+    """Probability, under the shipped digit classifier, of the digit the prompt asks for (options: score =
+    probability | log_probability | accuracy)."""
     from .digits import DigitCorrectReward
 
-    return DigitCorrectReward(model_dir=model_dir, device=device)
+    return DigitCorrectReward(model_dir=model_dir, device=device, score=score)
 
 
 def jpeg_compressibility(**options):

@@ -88,8 +88,13 @@ class DigitCorrectReward:
 
     name = "digit_correct"
 
-    def __init__(self, model_dir: str = "digits", device=None):
+    SCORES = ("probability", "log_probability", "accuracy")
+
+    def __init__(self, model_dir: str = "digits", device=None, score: str = "probability"):
+        if score not in self.SCORES:
+            raise ValueError(f"digit_correct option score must be one of {self.SCORES}, got {score!r}")
         self.classifier = DigitClassifier.from_pretrained(model_dir, device=device)
+        self.score = score
 
     @property
     def device(self) -> torch.device:
@@ -97,15 +102,19 @@ class DigitCorrectReward:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: List[str], metadata=None) -> torch.Tensor:
-        """``images [N, 3, H, W]`` in ``[0, 1]`` -> ``{"score": [N] probability of each prompt's digit,
-        "accuracy": [N] 1.0 where the classifier's argmax is the prompted digit}`` (the score is the reward)."""
+        """``images [N, 3, H, W]`` in ``[0, 1]`` -> ``{"score": [N], "probability": [N] of each prompt's digit,
+        "accuracy": [N] 1.0 where the classifier's argmax is the prompted digit}``. The score (the reward) is the
+        option ``score``: the probability (default), its log (clamped at log 1e-4) or the accuracy."""
         from genalign.pipelines.digits import prompt_digit
 
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
         target = torch.tensor([prompt_digit(p) for p in prompts], device=self.device)
         probs = self.classifier.classify(images.to(self.device)).softmax(-1)
-        return {"score": probs.gather(1, target[:, None])[:, 0], "accuracy": (probs.argmax(-1) == target).float()}
+        p = probs.gather(1, target[:, None])[:, 0]
+        acc = (probs.argmax(-1) == target).float()
+        score = {"probability": p, "log_probability": p.clamp_min(1e-4).log(), "accuracy": acc}[self.score]
+        return {"score": score, "probability": p, "accuracy": acc}
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:

@@ -120,3 +120,15 @@ def test_bad_reward_options_json_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["grid", "--prompt", "x", "--out", "g.png", "--reward-options", "{not json"])
     assert "--reward-options" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["pretrain-digits", "--out", "X", "--generator-steps", "5"],
+                                  ["pretrain-digits", "--", "--out", "X", "--generator-steps", "5"]])
+def test_pretrain_digits_passes_its_options_through_with_or_without_double_dash(argv, monkeypatch):
+    import genalign.plugins
+    from genalign.cli import main
+
+    seen = []
+    monkeypatch.setattr(genalign.plugins, "load_command", lambda name: lambda rest: seen.append(rest) or 0)
+    assert main(argv) == 0
+    assert seen == [["--out", "X", "--generator-steps", "5"]]

@@ -105,3 +105,20 @@ def test_docs_directory_is_not_ignored():
     if res.returncode == 128:  # not a git checkout
         return
     assert res.returncode == 1, "docs/algorithms.md is ignored by git; it must be part of the repository"
+
+
+def test_readme_result_tables_are_generated_from_the_benchmark_json():
+    """README tables between <!-- table:NAME --> markers equal benchmarks/readme_tables.py's output."""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import readme_tables
+    finally:
+        sys.path.pop(0)
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        blocks = readme_tables.readme_blocks(fh.read())
+    tables = readme_tables.generate()
+    assert set(blocks) == set(tables), "every generated table has a README block and vice versa"
+    for name, table in tables.items():
+        assert blocks[name] == table, f"README table {name} is stale: run python benchmarks/readme_tables.py --write"

@@ -108,7 +108,7 @@ def test_cli_grid_writes_png_and_html_referencing_every_image(lora_dir, tmp_path
 
 
 EVAL_FIELDS = {"model", "checkpoint", "baseline", "config", "prompts", "num_per_prompt", "seed", "num_steps",
-               "num_samples", "reward_weights", "metrics", "bootstrap", "rewards"}
+               "num_samples", "reward_weights", "metrics", "bootstrap", "rewards", "judge"}
 REWARD_FIELDS = {"mean", "std", "ci95", "per_prompt", "baseline", "win_rate", "win_rate_ci95"}
 
 
@@ -122,7 +122,11 @@ def test_cli_eval_writes_documented_fields_and_self_win_rate_is_half(lora_dir, t
     assert result["reward_weights"] == {"digit_correct": 1.0} and result["config"] is None
     assert result["metrics"]["eval/digit_correct"] == pytest.approx(result["rewards"]["digit_correct"]["mean"])
     assert set(result["bootstrap"]) == {"resamples", "seed", "confidence"}
-    assert list(result["rewards"]) == ["digit_correct", "digit_correct.accuracy"]
+    assert list(result["rewards"]) == ["digit_correct", "digit_correct.probability", "digit_correct.accuracy"]
+    judged = result["judge"]  # the digits adapter's independent judge, for both (identical) models
+    assert set(judged) == {"checkpoint", "baseline"} and judged["checkpoint"] == judged["baseline"]
+    assert {"eval/fd_independent", "eval/diversity_ratio", "eval/vendi"} <= set(judged["checkpoint"])
+    assert "Independent judge (checkpoint)" in (out / "eval.md").read_text()
     r = result["rewards"]["digit_correct"]
     assert set(r) == REWARD_FIELDS
     assert r["ci95"][0] <= r["mean"] <= r["ci95"][1] and r["std"] >= 0

@@ -15,7 +15,7 @@ from genalign.prompts import KRepeatSampler, read_prompts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
-ALL = ["adv_grpo", "dragon", "flow_grpo", "flow_grpo_fast", "grpo_guard", "mixgrpo", "tempflow_grpo"]
+ALL = ["adv_grpo", "diffusion_nft", "dragon", "flow_grpo", "flow_grpo_fast", "grpo_guard", "mixgrpo", "tempflow_grpo"]
 ADV = ["reward=adversarial", "reward_options.adversarial.references=runs/digits_references"]
 FULL_SDE = {"flow_grpo", "grpo_guard", "dragon", "adv_grpo"}
 
@@ -49,6 +49,10 @@ def check_plan(cfg: Config, epoch: int, world: int = 2) -> methods.EpochPlan:
     assert plan.train_steps.shape[1] >= 1 and plan.train_steps.dtype == torch.long and plan.model_calls > 0
     for other in plans[1:]:
         assert torch.equal(other.levels, plan.levels) and torch.equal(other.train_steps, plan.train_steps)
+    if cfg.method_spec().objective == "nft":  # forward-process training: any sampler, the first levels trained
+        assert torch.equal(plan.levels, base_levels(cfg).expand(N, T))
+        assert (plan.train_steps == methods.nft_steps(cfg)).all()
+        return plan
     assert set(plan.train_steps.flatten().tolist()) <= set(cfg.trainable_steps())
     assert (plan.levels.gather(1, plan.train_steps) > 0).all()  # every trained step is stochastic
     if cfg.method in FULL_SDE:
@@ -67,7 +71,7 @@ def test_every_method_validates_and_plans_on_the_digits_config(name):
     cfg.validate()
     spec = cfg.method_spec()
     assert isinstance(spec, MethodSpec) and dataclasses.is_dataclass(spec) and spec.name == name == cfg.method
-    assert spec.objective == ("dragon" if name == "dragon" else "policy_gradient")
+    assert spec.objective == {"dragon": "dragon", "diffusion_nft": "nft"}.get(name, "policy_gradient")
     for epoch in (0, 1, 7):
         plan = check_plan(cfg, epoch)
     if name == "tempflow_grpo":

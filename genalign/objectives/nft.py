@@ -47,8 +47,11 @@ class NFTUnits:
     r_global: torch.Tensor
 
 
-def optimality(adv: torch.Tensor, clip: float) -> torch.Tensor:
-    """Advantages -> optimality weights ``clip(A / clip / 2 + 0.5, 0, 1)`` in [0, 1]."""
+def optimality(adv: torch.Tensor, clip: float, mode: str = "linear") -> torch.Tensor:
+    """Advantages -> optimality weights in [0, 1]: 'linear' ``clip(A / clip / 2 + 0.5, 0, 1)``, 'binary'
+    ``(sign(A) + 1) / 2``."""
+    if mode == "binary":
+        return (torch.sign(adv) + 1) / 2
     return (adv.clamp(-clip, clip) / clip / 2 + 0.5).clamp(0, 1)
 
 
@@ -97,7 +100,8 @@ class DiffusionNFT(ObjectiveBase):
         return compute_advantages(t.advantage, rewards, group_ids, **extra)
 
     def prepare(self, epoch: int, batch: EpochBatch) -> NFTUnits:
-        r_global = optimality(self.advantages(batch.rewards, batch.group_ids), self.cfg.train.advantage_clip)
+        r_global = optimality(self.advantages(batch.rewards, batch.group_ids), self.cfg.train.advantage_clip,
+                              self.cfg.nft.optimality)
         local = batch.local
         keep = (local >= 0).nonzero().flatten()  # padding rows train nothing
         steps = batch.plan.train_steps[local.clamp_min(0)]

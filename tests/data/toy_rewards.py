@@ -34,3 +34,9 @@ def flat_for_cat(images, prompts, metadata):
 
 def constant(images, prompts, metadata):
     return torch.ones(len(prompts))
+
+
+def metadata_target(images, prompts, metadata):
+    """Brightness towards each prompt's metadata 'target' (a .jsonl prompt file's field); raises without it."""
+    targets = torch.tensor([float(m["target"]) for m in metadata])
+    return -(images.mean(dim=(1, 2, 3)) - targets).abs()

@@ -1,0 +1,150 @@
+"""The README's result tables, generated from the benchmark JSON files (never typed by hand).
+
+Each table sits in README.md between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->``; ``--write`` replaces
+those blocks, without it the script prints the tables. ``tests/test_docs.py`` checks that the README holds exactly
+what this script generates from the JSON files in ``benchmarks/results/``.
+
+Tables: ``compare_digits`` (methods over seeds, ``compare_digits.json``), ``ablation_digits`` (levers against
+reward hacking, ``ablation_digits.json``), ``tilt_digits`` (what reweighting the base reaches,
+``tilt_digits.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from typing import Dict, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+README = os.path.join(os.path.dirname(HERE), "README.md")
+
+
+def _load(name: str) -> Optional[dict]:
+    path = os.path.join(RESULTS, name)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def _pm(summary: dict, key: str, fmt: str, scale: float = 1.0) -> str:
+    """``mean ± std`` over seeds (``n/m`` when only n of m seeds have a value, "-" when none has)."""
+    s = summary.get(key)
+    if not s or s["mean"] is None:
+        return "-"
+    values = s["values"]
+    known = sum(v is not None for v in values)
+    text = f"{s['mean'] * scale:{fmt}}" + (f" ± {s['std'] * scale:{fmt}}" if len(values) > 1 else "")
+    return text + (f" ({known}/{len(values)} seeds)" if known < len(values) else "")
+
+
+def _base(results: dict) -> dict:
+    first = next(iter(results["methods"].values()))["seeds"][0]["curve"][0]
+    return {"accuracy": first["accuracy"], "fd_independent": first["fd_independent"],
+            "diversity_ratio": first["diversity_ratio"]}
+
+
+def compare_table(results: dict) -> str:
+    targets = (0.9, 0.95)
+    head = ("| method | " + " | ".join(f"images to {t} | seconds to {t}" for t in targets)
+            + " | FD at 0.9 | diversity at 0.9 | final accuracy | final FD | final diversity |")
+    lines = [head, "|" + "---|" * head.count(" |")]
+    for name, m in results["methods"].items():
+        s = m["summary"]
+        cells = []
+        for t in targets:
+            cells += [_pm(s, f"samples_to_{t}", ",.0f"), _pm(s, f"seconds_to_{t}", ".0f")]
+        cells += [_pm(s, "fd_independent_at_0.9", ".3f"), _pm(s, "diversity_at_0.9", ".2f"),
+                  _pm(s, "final_accuracy", ".3f"), _pm(s, "final_fd_independent", ".3f"),
+                  _pm(s, "final_diversity_ratio", ".2f")]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    b = _base(results)
+    lines.append(f"\nBase: accuracy {b['accuracy']:.3f}, independent FD {b['fd_independent']:.3f}, diversity ratio "
+                 f"{b['diversity_ratio']:.2f}; {len(next(iter(results['methods'].values()))['seeds'])} seeds per "
+                 f"method, {results['budget_images']:,} images per run.")
+    return "\n".join(lines)
+
+
+def ablation_table(results: dict) -> str:
+    head = ("| lever | final accuracy | final FD | final diversity | images to 0.97 | FD at 0.97 | diversity at 0.97 "
+            "| best accuracy within the judge's bounds (images) | seconds |")
+    lines = [head, "|" + "---|" * head.count(" |")]
+    for name, m in results["methods"].items():
+        s = m["summary"]
+        best = _pm(s, "best_ok_accuracy", ".3f")
+        if best != "-":
+            best += f" ({_pm(s, 'best_ok_samples', ',.0f')})"
+        lines.append(f"| `{name}` | " + " | ".join([
+            _pm(s, "final_accuracy", ".3f"), _pm(s, "final_fd_independent", ".3f"),
+            _pm(s, "final_diversity_ratio", ".2f"), _pm(s, "samples_to_0.97", ",.0f"),
+            _pm(s, "fd_independent_at_0.97", ".3f"), _pm(s, "diversity_at_0.97", ".2f"), best,
+            _pm(s, "train_s", ".0f")]) + " |")
+    b = _base(results)
+    lines.append(f"\nBase: accuracy {b['accuracy']:.3f}, independent FD {b['fd_independent']:.3f}, diversity ratio "
+                 f"{b['diversity_ratio']:.2f}. Judge's bounds: FD at most {1 + results.get('max_fd_rise', 0.1):.2f}x "
+                 f"the base's and diversity ratio at least {results.get('min_diversity_ratio', 0.9):.2f}.")
+    return "\n".join(lines)
+
+
+def tilt_table(results: dict) -> str:
+    lines = ["| weighting of the base | accuracy | FD | diversity ratio | Vendi |", "|---|---|---|---|---|"]
+    for name, r in results["weightings"].items():
+        lines.append(f"| {name} | {r['accuracy']:.3f} | {r['fd_independent']:.3f} | {r['diversity_ratio']:.3f} | "
+                     f"{r['vendi']:.1f} |")
+    return "\n".join(lines)
+
+
+TABLES: Dict[str, tuple] = {
+    "compare_digits": ("compare_digits.json", compare_table),
+    "ablation_digits": ("ablation_digits.json", ablation_table),
+    "tilt_digits": ("tilt_digits.json", tilt_table),
+}
+
+
+def generate() -> Dict[str, str]:
+    """``{table name: markdown}`` for every table whose JSON file exists."""
+    out = {}
+    for name, (path, fn) in TABLES.items():
+        data = _load(path)
+        if data is not None:
+            out[name] = fn(data)
+    return out
+
+
+def block(name: str) -> re.Pattern:
+    return re.compile(rf"(<!-- table:{name} -->\n)(.*?)(\n<!-- /table:{name} -->)", re.S)
+
+
+def readme_blocks(text: str) -> Dict[str, str]:
+    """The table blocks currently in the README text."""
+    return {name: m.group(2) for name in TABLES if (m := block(name).search(text))}
+
+
+def write_readme(tables: Dict[str, str], path: str = README) -> None:
+    with open(path) as fh:
+        text = fh.read()
+    for name, table in tables.items():
+        text = block(name).sub(lambda m: m.group(1) + table + m.group(3), text)
+    with open(path, "w") as fh:
+        fh.write(text)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--write", action="store_true", help="replace the README's table blocks")
+    args = parser.parse_args(argv)
+    tables = generate()
+    if args.write:
+        write_readme(tables)
+        print(f"updated {', '.join(tables)} in {README}")
+    else:
+        for name, table in tables.items():
+            print(f"## {name}\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""Prompt sets as .jsonl records: metadata reaches every reward call (training and evaluation), bad lines are
+named, per-prompt conditioning the model cannot take yet is refused."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from genalign.prompts import read_prompt_records, read_prompts
+
+from .test_trainer import make_trainer, sd3_dir  # noqa: F401
+
+REWARDS = Path(__file__).parent / "data" / "toy_rewards.py"
+
+
+def write(path, lines):
+    path.write_text("\n".join(json.dumps(x) if not isinstance(x, str) else x for x in lines) + "\n")
+    return str(path)
+
+
+def test_jsonl_records_keep_fields_as_metadata(tmp_path):
+    path = write(tmp_path / "p.jsonl", [{"prompt": " a cat ", "target": 0.2, "metadata": {"tag": "x"}}, "",
+                                        {"prompt": "a dog", "target": 0.8}])
+    assert read_prompt_records(path) == [{"prompt": "a cat", "metadata": {"target": 0.2, "tag": "x"}},
+                                         {"prompt": "a dog", "metadata": {"target": 0.8}}]
+    assert read_prompts(path) == ["a cat", "a dog"]
+    txt = tmp_path / "p.txt"
+    txt.write_text("a cat\n\n a dog \n")
+    assert read_prompt_records(str(txt)) == [{"prompt": "a cat", "metadata": {}}, {"prompt": "a dog", "metadata": {}}]
+
+
+@pytest.mark.parametrize("line, match", [
+    ("{not json", "line 2: not JSON"),
+    ({"text": "a cat"}, "line 2: each line must be an object with a non-empty string \"prompt\""),
+    ({"prompt": "a cat", "negative_prompt": "blurry"}, "line 2: field 'negative_prompt' is not supported yet"),
+    ({"prompt": "a cat", "metadata": [1]}, "line 2: \"metadata\" must be an object"),
+])
+def test_bad_jsonl_lines_are_named(tmp_path, line, match):
+    path = write(tmp_path / "p.jsonl", [{"prompt": "ok"}, line])
+    with pytest.raises(ValueError, match=match):
+        read_prompt_records(path)
+
+
+def test_training_and_evaluation_pass_prompt_metadata_to_the_reward(sd3_dir, tmp_path):  # noqa: F811
+    path = write(tmp_path / "p.jsonl", [{"prompt": "a cat", "target": 0.2}, {"prompt": "a dog", "target": 0.8}])
+    trainer = make_trainer(sd3_dir, tmp_path / "run", path, reward="metadata_target",
+                           **{"eval_prompts_file": path, "eval.num_per_prompt": 2, "eval.every": 1})
+    seen = []
+    name, fn, weight = trainer.reward_fn.components[0]
+
+    def spy(images, prompts, metadata):
+        seen.append((list(prompts), [m["target"] for m in metadata]))
+        return fn(images=images, prompts=prompts, metadata=metadata)
+
+    trainer.reward_fn.components[0] = (name, spy, weight)
+    trainer.train()
+    assert seen and all(t == {"a cat": 0.2, "a dog": 0.8}[q] for prompts, targets in seen
+                        for q, t in zip(prompts, targets))
+    assert any(len(p) == 4 for p, _ in seen)  # the evaluation's 2 prompts x 2 images
