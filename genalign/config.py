@@ -91,7 +91,8 @@ class SamplingConfig:
     num_steps: int = 10
     """Denoising steps T of a training rollout."""
     step_kind: str = "sde"
-    """Stochastic step: 'sde' (Flow-GRPO), 'cps' (coefficient-preserving) or 'ddim' (DDPM-family models)."""
+    """Stochastic step: 'sde' (Flow-GRPO), 'cps' (coefficient-preserving), 'dance' (Dance-SDE: constant diffusion
+    coefficient eta = noise_level, docs/algorithms.md §1.6) or 'ddim' (DDPM-family models)."""
     noise_level: float = 0.7
     """Noise level a of the stochastic steps (DDIM: eta)."""
     last_step_deterministic: bool = False
@@ -379,7 +380,7 @@ class Config:
     def validate(self, world_size: int = 1) -> None:
         """Check values and the batch arithmetic for ``world_size`` processes (raise ConfigError)."""
         s, t = self.sampling, self.train
-        _choice("sampling.step_kind", s.step_kind, ["sde", "cps", "ddim"])
+        _choice("sampling.step_kind", s.step_kind, ["sde", "cps", "dance", "ddim"])
         _choice("sampling.log_prob_reduction", s.log_prob_reduction, ["mean", "sum"])
         _choice("model.dtype", self.model.dtype, ["float32", "bfloat16", "float16"])
         _choice("mixed_precision", self.mixed_precision, ["no", "bf16", "fp16"])

@@ -15,7 +15,7 @@ import torch
 from . import sde
 from .policy import Cond, Policy, cat_conds, index_cond
 
-STEP_KINDS = ("sde", "cps", "ddim")
+STEP_KINDS = ("sde", "cps", "dance", "ddim")
 
 
 @dataclass

@@ -208,12 +208,36 @@ def flow_sde_step(velocity: torch.Tensor, sample: torch.Tensor, sigma: Number, s
     ``c_x = 1`` and ``c_v = dt`` exactly.
     """
     x, v, s, s_next, a = _flow_inputs(velocity, sample, sigma, sigma_next, noise_level, prev_sample, validate, None)
-    sigma_t = flow_sde_std(s, s_next, a)
+    return _reverse_sde(x, v, s, s_next, flow_sde_std(s, s_next, a), prev_sample, generator, reduction)
+
+
+def _reverse_sde(x, v, s, s_next, sigma_t, prev_sample, generator, reduction) -> StepOutput:
+    """Euler-Maruyama step of ``dx = [v - sigma_t^2 / 2 * score] dt + sigma_t dW`` (time running from s to s'),
+    ``score = -(x + (1 - s) v) / s``: ``mu = c_x x + c_v v`` with ``c_x = 1 + k dt``, ``c_v = (1 + k (1 - s)) dt``,
+    ``k = sigma_t^2 / (2 s)``, ``dt = s' - s``; ``std = sigma_t sqrt(-dt)``."""
     dt = s_next - s  # negative
     k = sigma_t.square() / (2 * s)
     mean = _combine(x, 1 + k * dt, v, (1 + k * (1 - s)) * dt)
-    std = sigma_t * torch.sqrt(-dt)
-    return _finish(mean, std, prev_sample, generator, reduction)
+    return _finish(mean, sigma_t * torch.sqrt(-dt), prev_sample, generator, reduction)
+
+
+def dance_sde_step(velocity: torch.Tensor, sample: torch.Tensor, sigma: Number, sigma_next: Number,
+                   noise_level: Number, prev_sample: Optional[torch.Tensor] = None,
+                   generator: Optional[torch.Generator] = None, reduction: str = "mean",
+                   validate: bool = True) -> StepOutput:
+    """Dance-SDE step (DanceGRPO, Xue et al. 2025, arXiv 2505.07818): the reverse SDE of the Flow-GRPO step with a
+    CONSTANT diffusion coefficient ``sigma_t = noise_level`` (eta) instead of ``a sqrt(s / (1 - s))``:
+    ``mu = x + (v + eta^2 / (2 s) (x + (1 - s) v)) (s' - s)``, ``std = eta sqrt(s - s')``.
+
+    Hidden assumptions (docs/algorithms.md §1.6): the score ``-(x + (1 - s) v) / s`` is that of the rectified-flow
+    marginal ``x_s = (1 - s) x0 + s eps`` with ``v`` its exact velocity (so ``x + (1 - s) v`` estimates ``eps``);
+    the step is first order (Euler-Maruyama) and its marginals match the ODE's only as the step size goes to 0;
+    ``s > s' >= 0`` (checked with the schedule). ``noise_level = 0`` is the Euler
+    ODE step; unlike Flow-GRPO's coefficient it stays finite at ``s = 1``, and it injects the same noise per unit
+    time at every level, so it is relatively stronger late (small s) than Flow-GRPO's.
+    """
+    x, v, s, s_next, eta = _flow_inputs(velocity, sample, sigma, sigma_next, noise_level, prev_sample, validate, None)
+    return _reverse_sde(x, v, s, s_next, eta.to(s.dtype), prev_sample, generator, reduction)
 
 
 def cps_step(velocity: torch.Tensor, sample: torch.Tensor, sigma: Number, sigma_next: Number, noise_level: Number,
@@ -300,11 +324,11 @@ def gaussian_kl(mean_a: torch.Tensor, mean_b: torch.Tensor, std: Number, reducti
     return torch.where(deterministic, 0.0, 0.5 * red / safe.square())
 
 
-STEP_FUNCTIONS = {"sde": flow_sde_step, "cps": cps_step}
+STEP_FUNCTIONS = {"sde": flow_sde_step, "cps": cps_step, "dance": dance_sde_step}
 
 
 def flow_step(kind: str):
-    """Return the flow-matching step function registered as ``kind`` ('sde' or 'cps')."""
+    """Return the flow-matching step function registered as ``kind`` ('sde', 'cps' or 'dance')."""
     try:
         return STEP_FUNCTIONS[kind]
     except KeyError:

@@ -1,5 +1,6 @@
 """Step math against independent references: torch.distributions.Normal, diffusers' Euler step, closed forms."""
 
+import json
 import math
 
 import pytest
@@ -400,3 +401,49 @@ def test_step_has_no_host_sync_and_one_full_size_pass_for_the_log_prob(kind):
     with log.mode:
         sde.gaussian_kl(x, other, torch.tensor([0.5, 0.0, 1.0, 0.0, 2.0]))
     assert [n for n, sizes, view in log.ops if not view and full in sizes] == ["mse_loss"]
+
+
+def test_dance_sde_step_matches_closed_form_normal_and_the_flow_sde_at_the_same_coefficient(batch):
+    """Dance-SDE (constant eta): the closed form of docs/algorithms.md §1.6, the exact Normal density, and the
+    Flow-GRPO step whose noise level makes a sqrt(s / (1 - s)) equal eta; eta = 0 is diffusers' Euler step."""
+    x, v = batch
+    s, s_next, eta = torch.tensor([1.0, 0.5, 0.2]), torch.tensor([0.8, 0.3, 0.0]), 0.6
+    out = sde.dance_sde_step(v, x, s, s_next, eta, generator=torch.Generator().manual_seed(1))
+    dt = (s_next - s).view(-1, 1, 1, 1)
+    mean = x + (v + (eta**2 / (2 * s)).view(-1, 1, 1, 1) * (x + (1 - s).view(-1, 1, 1, 1) * v)) * dt
+    std = eta * torch.sqrt(s - s_next)
+    torch.testing.assert_close(out.mean, mean)
+    torch.testing.assert_close(out.std, std)
+    torch.testing.assert_close(out.log_prob, _normal_mean_logp(out.prev_sample, mean, std))
+    # the Flow-GRPO step with a per-sample a = eta / sqrt(s / (1 - s)) is the same transition (s < 1 only)
+    a = eta / torch.sqrt(s[1:] / (1 - s[1:]))
+    flow = sde.flow_sde_step(v[1:], x[1:], s[1:], s_next[1:], a, prev_sample=out.prev_sample[1:])
+    torch.testing.assert_close(flow.mean, out.mean[1:])
+    torch.testing.assert_close(flow.log_prob, out.log_prob[1:])
+    ode = sde.dance_sde_step(v, x, s, s_next, 0.0)
+    torch.testing.assert_close(ode.mean, x + v * dt)
+    assert torch.all(ode.log_prob == 0) and torch.equal(ode.prev_sample, ode.mean)
+    assert sde.flow_step("dance") is sde.dance_sde_step
+
+
+def test_dance_steps_train_a_digits_epoch_with_first_ratio_one(tmp_path):
+    from genalign.config import load_config
+    from genalign.trainer import Trainer
+
+    cfg = load_config("configs/digits.yaml", [
+        f"output_dir={tmp_path / 'run'}", "num_epochs=1", "sampling.step_kind=dance", "sampling.noise_level=0.5",
+        "sampling.groups_per_epoch=2", "sampling.group_size=8", "sampling.batch_size=16", "train.batch_size=8",
+        "train.num_minibatches=2", "eval_prompts_file=null"])
+    from genalign.rollout import gather_steps, recompute_step
+
+    tr = Trainer(cfg)
+    traj = tr.sample_epoch(0)[0]
+    assert traj.step_kind == "dance" and (traj.stds[:, :-1] > 0).all()
+    with torch.no_grad():  # before any update the recomputed log-probs are the rollout's: ratio exactly 1
+        for j in range(cfg.sampling.num_steps - 1):
+            steps = torch.full((len(traj),), j)
+            assert torch.equal(recompute_step(tr.policy, traj, steps).log_prob, gather_steps(traj.log_probs, steps))
+    before = [p.detach().clone() for p in tr.params]
+    tr.train()
+    assert any((p - b).abs().max() > 0 for p, b in zip(tr.params, before))
+    assert json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())["epoch"] == 1
