@@ -113,6 +113,14 @@ def ocr(**options):
     return OcrReward(**options)
 
 
+def vlm_judge(**options):
+    """A VLM over an OpenAI-compatible chat API: P(yes) or a parsed score (options: base_url, model, question,
+    mode, max_score, api_key_env, concurrency, timeout, retries)."""
+    from .vlm import VLMJudgeReward
+
+    return VLMJudgeReward(**options)
+
+
 def remote(**options):
     """A reward server speaking the JSON protocol of ``genalign.rewards.remote`` (options: url, timeout, ...)."""
     from .remote import RemoteReward
