@@ -130,7 +130,7 @@ def summarize(seeds: list) -> dict:
 
 def merge(results: dict, extra: dict) -> dict:
     """Add ``extra``'s per-seed results to ``results`` (same seed of the same method: ``extra`` wins)."""
-    for key in ("real_fd_floor", "target_accuracy", "budget_images"):
+    for key in ("real_fd_floor", "target_accuracy", "budget_images", "max_fd_rise", "min_diversity_ratio"):
         results.setdefault(key, extra.get(key))
     for name, m in extra.get("methods", {}).items():
         mine = {r["seed"]: r for r in results.setdefault("methods", {}).get(name, {}).get("seeds", [])}
@@ -211,7 +211,10 @@ def main() -> None:
                 with open(args.out) as fh:
                     results = json.load(fh)
             results = merge(results, {"real_fd_floor": floor, "target_accuracy": spec["target_accuracy"],
-                                      "budget_images": spec["budget_images"], "methods": {name: {"seeds": [r]}}})
+                                      "budget_images": spec["budget_images"],
+                                      "max_fd_rise": spec.get("max_fd_rise", 0.10),
+                                      "min_diversity_ratio": spec.get("min_diversity_ratio", 0.90),
+                                      "methods": {name: {"seeds": [r]}}})
             write(results, args.out)
 
 

@@ -2,12 +2,14 @@
 shipped digits model reaches 0.9 and 0.95 (``configs/digits.yaml``, evaluation every 10 epochs on 50
 images per eval prompt).
 
-    OMP_NUM_THREADS=1 python benchmarks/digits_e2e.py [--max-epochs 220] [-- extra.overrides=...]
+    OMP_NUM_THREADS=1 python benchmarks/digits_e2e.py [--seeds 0 1 2] [--max-epochs 220] [-- extra.overrides=...]
 
-Runs ``genalign train configs/digits.yaml eval.every=10 eval.num_per_prompt=50`` in a subprocess (a
-temporary output directory unless ``--output-dir``), then reads the run's ``metrics.jsonl``:
-``eval/digit_correct.accuracy`` against ``samples_seen`` and ``elapsed_s``. Writes
-``benchmarks/results/digits_e2e.json``. Takes ~8-10 minutes on 2 CPU cores.
+Runs ``genalign train configs/digits.yaml seed=S eval.every=10 eval.num_per_prompt=50`` in a subprocess per seed
+(one after another; a temporary output directory unless ``--output-dir``), reads each run's ``metrics.jsonl``
+(``eval/digit_correct.accuracy``, the independent judge's ``eval/fd_independent`` / ``eval/diversity_ratio``
+against ``samples_seen`` and ``elapsed_s``) and judges ``final/lora`` on 2,000 images of unseen seeds with
+``benchmarks/judge_digits.py``. Writes ``benchmarks/results/digits_e2e.json`` (per seed and mean / std). About 5
+minutes per seed on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -32,22 +34,17 @@ def first_reaching(rows, threshold):
     for r in rows:
         if r.get(KEY, -1) >= threshold:
             return {"epoch": r["epoch"], "samples_seen": r["samples_seen"], "elapsed_s": r.get("elapsed_s"),
-                    "accuracy": r[KEY]}
+                    "accuracy": r[KEY], "fd_independent": r.get("eval/fd_independent"),
+                    "diversity_ratio": r.get("eval/diversity_ratio")}
     return None
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--output-dir", default=None)
-    ap.add_argument("--max-epochs", type=int, default=None, help="override num_epochs (default: the config's)")
-    ap.add_argument("--out", default="digits_e2e.json")
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args(argv)
-    out_dir = args.output_dir or tempfile.mkdtemp(prefix="genalign_digits_e2e_")
-    overrides = [f"output_dir={out_dir}", "eval.every=10", "eval.num_per_prompt=50"] + list(args.overrides)
-    if args.max_epochs:
-        overrides.append(f"num_epochs={args.max_epochs}")
-    cmd = [sys.executable, "-m", "genalign.cli", "train", os.path.join(REPO, "configs", "digits.yaml"), *overrides]
+def run_seed(seed: int, out_dir: str, overrides) -> dict:
+    """One default run (subprocess) with ``seed``, then the independent judge on 2,000 images of unseen seeds."""
+    import judge_digits
+
+    cmd = [sys.executable, "-m", "genalign.cli", "train", os.path.join(REPO, "configs", "digits.yaml"),
+           f"output_dir={out_dir}", f"seed={seed}", "eval.every=10", "eval.num_per_prompt=50", *overrides]
     env = dict(os.environ, TQDM_DISABLE="1")
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=env)
@@ -55,19 +52,56 @@ def main(argv=None):
     with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
         rows = [json.loads(line) for line in fh if line.strip()]
     evals = [{"epoch": r["epoch"], "samples_seen": r["samples_seen"], "elapsed_s": r.get("elapsed_s", 0.0),
-              "accuracy": r[KEY]} for r in rows if KEY in r]
-    result = {"command": "OMP_NUM_THREADS=1 python benchmarks/digits_e2e.py", "train_command": " ".join(cmd[1:]),
-              "returncode": proc.returncode, "machine": C.machine("cpu"), "wall_s": wall,
-              "train_elapsed_s": rows[-1].get("elapsed_s") if rows else None,
-              "startup_and_finish_s": wall - (rows[-1].get("elapsed_s") or 0) if rows else None,
-              "reach_0.9": first_reaching(rows, 0.9), "reach_0.95": first_reaching(rows, 0.95),
-              "initial_accuracy": evals[0]["accuracy"] if evals else None,
-              "final_accuracy": evals[-1]["accuracy"] if evals else None, "eval_curve": evals,
-              "notes": "elapsed_s is measured inside the run from the start of Trainer.train (evaluations "
-                       "included); samples_seen counts training rollouts only (eval images excluded)"}
-    print(json.dumps({k: v for k, v in result.items() if k != "eval_curve"}, indent=1))
+              "accuracy": r[KEY], "fd_independent": r.get("eval/fd_independent"),
+              "diversity_ratio": r.get("eval/diversity_ratio")} for r in rows if KEY in r]
+    judge_path = os.path.join(out_dir, "judge.json")
+    judge_digits.main(["--lora", os.path.join(out_dir, "final", "lora"), "--out", judge_path])
+    with open(judge_path) as fh:
+        judged = json.load(fh)["models"]
+    return {"seed": seed, "train_command": " ".join(cmd[1:]), "returncode": proc.returncode, "wall_s": wall,
+            "train_elapsed_s": rows[-1].get("elapsed_s") if rows else None,
+            "reach_0.9": first_reaching(rows, 0.9), "reach_0.95": first_reaching(rows, 0.95),
+            "reach_0.97": first_reaching(rows, 0.97),
+            "initial_accuracy": evals[0]["accuracy"] if evals else None,
+            "final_accuracy": evals[-1]["accuracy"] if evals else None,
+            "judge_2000": judged, "eval_curve": evals}
+
+
+def _stats(values):
+    known = [v for v in values if v is not None]
+    if not known:
+        return {"mean": None, "std": None, "values": values}
+    mean = sum(known) / len(known)
+    return {"mean": mean, "std": (sum((v - mean) ** 2 for v in known) / len(known)) ** 0.5, "values": values}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--output-dir", default=None, help="parent of the runs (default: a temporary directory)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds, run one after another")
+    ap.add_argument("--max-epochs", type=int, default=None, help="override num_epochs (default: the config's)")
+    ap.add_argument("--out", default="digits_e2e.json")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    parent = args.output_dir or tempfile.mkdtemp(prefix="genalign_digits_e2e_")
+    overrides = list(args.overrides) + ([f"num_epochs={args.max_epochs}"] if args.max_epochs else [])
+    seeds = [run_seed(seed, os.path.join(parent, f"seed{seed}"), overrides) for seed in args.seeds]
+    summary = {key: _stats([r["judge_2000"]["tuned"][key] for r in seeds])
+               for key in ("accuracy", "fd_independent", "diversity_ratio", "vendi")}
+    summary["wall_s"] = _stats([r["wall_s"] for r in seeds])
+    for t in ("0.9", "0.95", "0.97"):
+        summary[f"samples_to_{t}"] = _stats([(r[f"reach_{t}"] or {}).get("samples_seen") for r in seeds])
+        summary[f"seconds_to_{t}"] = _stats([(r[f"reach_{t}"] or {}).get("elapsed_s") for r in seeds])
+    base = seeds[0]["judge_2000"]["base"]
+    result = {"command": "OMP_NUM_THREADS=1 python benchmarks/digits_e2e.py --seeds " + " ".join(map(str, args.seeds)),
+              "machine": C.machine("cpu"), "base_2000": base, "summary": summary, "seeds": seeds,
+              "notes": "runs one after another with nothing else running; elapsed_s is measured inside the run from "
+                       "the start of Trainer.train (evaluations included); samples_seen counts training rollouts "
+                       "only; judge_2000: benchmarks/judge_digits.py on final/lora (2,000 images, seed 777, "
+                       "seeds not used in training)"}
+    print(json.dumps(summary, indent=1))
     print("wrote", C.write_json(args.out, result))
-    return 0 if proc.returncode == 0 else proc.returncode
+    return 0 if all(r["returncode"] == 0 for r in seeds) else 1
 
 
 if __name__ == "__main__":

@@ -60,29 +60,16 @@ def nft_trainer(sd3_dir, tmp_path, prompts_file, **extra):
 def test_accumulation_does_not_change_loss_or_gradients(sd3_dir, tmp_path, prompts_file):
     from genalign.objectives import EpochBatch
 
+    from .test_optim import assert_accumulation_invariant, perturb
+
     trainer = nft_trainer(sd3_dir, tmp_path, prompts_file, **{"train.kl_beta": 0.5})
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in trainer.params:
-            p.add_(0.05 * torch.randn(p.shape, generator=g))  # policy != old and reference
+    perturb(trainer)  # policy != old and reference
     with trainer.objective.sampling_context():
         traj, rewards, parts, group_ids, local = trainer.sample_epoch(0)
     obj = trainer.objective
     units = obj.prepare(0, EpochBatch(traj, rewards, parts, group_ids, local, trainer.plan(0)))
     assert len(units.rows) == len(traj) * 2  # 3 steps, timestep_fraction 0.99 -> 2 trained steps per sample
-    rows = obj.minibatches(units, 0, 0)[0]
-    results = []
-    for micro in (len(rows), 1):
-        trainer.cfg.train.batch_size = micro
-        trainer.optimizer.zero_grad(set_to_none=True)
-        stats = trainer.accumulate(units, rows)
-        results.append((stats["loss"], [p.grad.clone() for p in trainer.params]))
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-8)
-    scale = max(float(gr.abs().max()) for gr in grads_a)
-    assert scale > 0
-    for a, b in zip(grads_a, grads_b):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale)
+    assert_accumulation_invariant(trainer, units, obj.minibatches(units, 0, 0)[0])
 
 
 def test_old_policy_samples_and_follows_with_the_decay_schedule(sd3_dir, tmp_path, prompts_file):
