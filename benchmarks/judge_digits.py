@@ -13,7 +13,8 @@ Writes ``benchmarks/results/judge_digits.json``::
      "models": {"base": {"accuracy", "fd_independent", "diversity", "diversity_ratio", "vendi"},
                 "tuned": {...}}}
 
-Usage: ``OMP_NUM_THREADS=1 python benchmarks/judge_digits.py [--lora RUN/final/lora] [--num-per-prompt 100]``.
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/judge_digits.py [--lora RUN/final/lora] [--rlg 0.3 0.5 0.7]
+[--num-per-prompt 100]`` (``--rlg``: the LoRA also judged at those alignment strengths, ``genalign.rlg``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ def evaluate(policy, prompts, seeds, labels, reward, real_images, real_labels, p
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lora", default=None, help="a trained run's final/lora (or final/lora_ema) directory")
+    parser.add_argument("--rlg", type=float, nargs="*", default=[],
+                        help="also judge the LoRA at these RLG strengths w (v_base + w (v_tuned - v_base))")
     parser.add_argument("--prompts", default="digits:prompts_eval.txt")
     parser.add_argument("--num-per-prompt", type=int, default=100)
     parser.add_argument("--seed", type=int, default=777)
@@ -88,11 +91,16 @@ def main(argv=None) -> int:
         tuned, _ = load_policy_with_loras(None, [args.lora])
         models["tuned"] = evaluate(tuned, *common)
         print("tuned", json.dumps(models["tuned"]))
+        from genalign.rlg import RLGPolicy
+
+        for w in args.rlg:
+            models[f"rlg_{w:g}"] = evaluate(RLGPolicy(tuned, w), *common)
+            print(f"rlg {w:g}", json.dumps(models[f"rlg_{w:g}"]))
 
     result = {"settings": {"prompts": args.prompts, "num_images": len(prompts), "num_per_prompt": args.num_per_prompt,
                            "seed": args.seed, "num_steps": args.num_steps, "pca_dim": args.pca_dim,
                            "pca_fit": "train split of sklearn digits", "reference": "held-out split",
-                           "lora": args.lora},
+                           "lora": args.lora, "rlg": args.rlg},
               "real_reference": real_ref, "models": models}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -68,6 +68,8 @@ class Evaluator:
         self.rank = int(rank if rank is not None else getattr(accelerator, "process_index", 0))
         self.world = int(world if world is not None else getattr(accelerator, "num_processes", 1))
         self.job_prompts, self.seeds = expand_jobs(self.prompts, self.num_per_prompt, self.seed)
+        if getattr(reward_fn, "group_level", False) and self.world > 1:
+            raise ValueError("a group-level reward needs all images of a prompt in one call: evaluate on 1 process")
         if metadata is not None and len(metadata) != len(self.prompts):
             raise ValueError(f"{len(metadata)} metadata records for {len(self.prompts)} eval prompts")
         self.metadata = list(metadata) if metadata is not None else [{} for _ in self.prompts]
@@ -92,10 +94,14 @@ class Evaluator:
         mine = self.local_indices()
         prompts, seeds = [self.job_prompts[i] for i in mine], [self.seeds[i] for i in mine]
         images, totals, parts, start = [], [], {}, 0
-        for batch in iter_samples(policy, prompts, seeds, self.num_steps, self.batch_size, autocast=autocast):
+        grouped = getattr(self.reward_fn, "group_level", False)  # a group = one prompt's images, scored at once
+        batches = iter_samples(policy, prompts, seeds, self.num_steps, self.batch_size, autocast=autocast)
+        if grouped:
+            batches = [torch.cat(list(batches))]
+        for batch in batches:
             idx = mine[start:start + len(batch)]
-            meta = [{**self.metadata[i // self.num_per_prompt], "eval": True, "seed": self.seeds[i], "index": i}
-                    for i in idx]
+            meta = [{**self.metadata[i // self.num_per_prompt], "eval": True, "seed": self.seeds[i], "index": i,
+                     "group": i // self.num_per_prompt} for i in idx]
             total, batch_parts = self.reward_fn(batch, prompts[start:start + len(batch)], meta)
             totals.append(total.detach().double().cpu().reshape(-1))
             for k, v in batch_parts.items():

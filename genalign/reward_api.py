@@ -17,6 +17,10 @@ Optional attributes a reward object may expose (hints read by :class:`RewardSet`
   one call (``batch_size`` is ignored) and returns ``[N]`` per-sample contributions whose sum (or mean)
   is the set's score, so the per-sample advantages stay well defined. One exposing ``encode(images)`` and
   ``set_score(features)`` can also drive DRAGON's :func:`greedy_split`;
+- ``group_level = True``: a *group-level* reward (rankings, pairwise preferences within a prompt's group). It is
+  called once per prompt group with all of that group's images (and only them): each sample's metadata carries
+  ``"group"`` (the trainer's group id; an evaluation's prompt index) and :func:`score_reward` splits the batch
+  by it; it returns ``[n]`` scores for the group's n images. A batch without ``"group"`` metadata is an error;
 - a :class:`TrainableReward` subclass (``discriminator_step`` / ``mean_scores``): an adversarial reward,
   trained by :func:`discriminator_round`.
 
@@ -211,6 +215,8 @@ def score_reward(name: str, fn: RewardFn, images: torch.Tensor, prompts: Sequenc
     device = getattr(fn, "device", None)
     if isinstance(device, (str, torch.device)):
         images = images.to(device)
+    if getattr(fn, "group_level", False):
+        return _score_groups(name, fn, images, prompts, metadata)
     chunk = getattr(fn, "batch_size", None)
     if getattr(fn, "set_level", False) or not isinstance(chunk, int) or chunk <= 0 or chunk >= len(prompts):
         return _call_validated(name, fn, images, prompts, metadata)
@@ -220,6 +226,32 @@ def score_reward(name: str, fn: RewardFn, images: torch.Tensor, prompts: Sequenc
         raise RewardError(f"reward {name!r} returned different sub-scores for different chunks: "
                           f"{sorted({k for p in parts for k in p})}", name)
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _score_groups(name: str, fn: RewardFn, images: torch.Tensor, prompts: List[str],
+                  metadata: List[dict]) -> Dict[str, torch.Tensor]:
+    """A group-level reward called once per ``metadata[i]["group"]`` with that group's samples, scattered back."""
+    missing = [i for i, m in enumerate(metadata) if "group" not in m]
+    if missing:
+        raise RewardError(f"reward {name!r} is group-level (group_level = True): it needs each sample's prompt group "
+                          f"in its metadata ('group'), missing for sample(s) {missing[:10]}", name, missing)
+    groups: Dict[Any, List[int]] = {}
+    for i, m in enumerate(metadata):
+        groups.setdefault(m["group"], []).append(i)
+    parts = []
+    for members in groups.values():
+        scored = _call_validated(name, fn, images[torch.tensor(members)], [prompts[i] for i in members],
+                                 [metadata[i] for i in members])
+        parts.append((torch.tensor(members), scored))
+    keys = parts[0][1].keys()
+    if any(p.keys() != keys for _, p in parts):
+        raise RewardError(f"reward {name!r} returned different sub-scores for different groups: "
+                          f"{sorted({k for _, p in parts for k in p})}", name)
+    out = {k: torch.zeros(len(prompts)) for k in keys}
+    for idx, scored in parts:
+        for k in keys:
+            out[k][idx] = scored[k]
+    return out
 
 
 def _component_name(spec: Any) -> str:
@@ -284,6 +316,11 @@ class RewardSet:
     @property
     def names(self) -> List[str]:
         return [n for n, _, _ in self.components]
+
+    @property
+    def group_level(self) -> bool:
+        """Some component is a group-level reward (it must see whole prompt groups in one call)."""
+        return any(getattr(fn, "group_level", False) for _, fn, _ in self.components)
 
     def __call__(self, images: torch.Tensor, prompts: List[str], metadata: Optional[List[dict]] = None
                  ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:

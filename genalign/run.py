@@ -88,7 +88,8 @@ def check_trackers(names: List[str]) -> List[str]:
     return list(names)
 
 
-SHOWN = ("epoch", "reward/mean", "eval/reward", "ratio_mean", "clip_frac", "kl", "grad_norm")
+SHOWN = ("epoch", "reward/mean", "eval/reward", "eval/fd_independent", "eval/diversity_ratio", "hacking/flag", "ratio_mean",
+         "clip_frac", "kl", "grad_norm")
 
 
 class RunDir:

@@ -109,6 +109,9 @@ class Trainer:
         if cfg.model.xformers and hasattr(self.policy, "enable_xformers"):
             self.policy.enable_xformers()  # no-op without xformers or off CUDA
         self._setup_trainable()
+        if self.reward_fn.group_level and self.world > 1:
+            raise ConfigError(f"reward {self.reward_fn.names} has a group-level component, which needs every prompt "
+                              f"group's images in one call; groups span processes, so run it on 1 process")
         self.ctx = TrainContext(cfg, self.policy, self.acc, self.optim, self.reward_fn, self.frozen_reference)
         self.evaluator = (Evaluator(self.eval_prompts, cfg.eval.num_per_prompt, cfg.eval.seed,
                                     cfg.eval.num_steps or cfg.sampling.num_steps, cfg.sampling.batch_size,
@@ -333,7 +336,8 @@ class Trainer:
         prompts = [self.prompts[prompt_idx[i]] for i in local]
         mine = (plan or self.plan(epoch)).select(torch.tensor(local))
         trajs, futures, branches = [], [], None
-        pool = ThreadPoolExecutor(1) if s.async_rewards else None
+        grouped = self.reward_fn.group_level  # group-level rewards score the whole epoch at once (whole groups)
+        pool = ThreadPoolExecutor(1) if s.async_rewards and not grouped else None
         self.denoiser.eval()
         if mine.branch_step is not None:  # TempFlow: all local branches at once (each main ODE runs once)
             gen = torch.Generator(self.device).manual_seed(_seed(cfg.seed, draw, self.rank))
@@ -355,9 +359,12 @@ class Trainer:
                 images = self.policy.decode(traj.final)
             trajs.append(traj)
             meta = [{**self.prompt_metadata[prompt_idx[local[start + i]]], "epoch": epoch, "rank": self.rank,
-                     "index": start + i} for i in range(len(batch_prompts))]
+                     "index": start + i, "group": int(group_ids[local[start + i]])} for i in range(len(batch_prompts))]
             call = (self._score, images, batch_prompts, meta, epoch, b)
-            futures.append(pool.submit(*call) if pool else call[0](*call[1:]))
+            futures.append(call if grouped else pool.submit(*call) if pool else call[0](*call[1:]))
+        if grouped:  # one call with the epoch's samples (one process: every group is whole)
+            futures = [self._score(torch.cat([c[1] for c in futures]), [p for c in futures for p in c[2]],
+                                   [m for c in futures for m in c[3]], epoch, 0)]
         results = [f.result() if pool else f for f in futures]
         if pool:
             pool.shutdown()

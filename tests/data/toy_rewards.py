@@ -40,3 +40,18 @@ def metadata_target(images, prompts, metadata):
     """Brightness towards each prompt's metadata 'target' (a .jsonl prompt file's field); raises without it."""
     targets = torch.tensor([float(m["target"]) for m in metadata])
     return -(images.mean(dim=(1, 2, 3)) - targets).abs()
+
+
+class RankInGroup:
+    """A group-level reward: each image's brightness rank within its prompt group, scaled to [0, 1]. Records the
+    groups it was called with."""
+
+    group_level = True
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, images, prompts, metadata):
+        self.calls.append(([m["group"] for m in metadata], list(prompts)))
+        ranks = images.mean(dim=(1, 2, 3)).argsort().argsort().float()
+        return ranks / max(len(prompts) - 1, 1)
