@@ -234,7 +234,7 @@ class DiffusionNFT(MethodSpec):
         n = cfg.nft
         if not n.beta > 0:
             raise ConfigError(f"nft.beta must be > 0, got {n.beta}")
-        check_choice("nft.optimality", n.optimality, ["linear", "binary"])
+        check_choice("nft.optimality", n.optimality, ["linear", "binary", "reward"])
         if not 0 <= n.old_decay_max <= 1 or n.old_decay_rate < 0 or n.old_decay_delay < 0:
             raise ConfigError(f"nft.old_decay_max must be in [0, 1] and nft.old_decay_rate, nft.old_decay_delay >= 0, "
                               f"got {n.old_decay_max}, {n.old_decay_rate}, {n.old_decay_delay}")

@@ -47,11 +47,17 @@ class NFTUnits:
     r_global: torch.Tensor
 
 
-def optimality(adv: torch.Tensor, clip: float, mode: str = "linear") -> torch.Tensor:
-    """Advantages -> optimality weights in [0, 1]: 'linear' ``clip(A / clip / 2 + 0.5, 0, 1)``, 'binary'
-    ``(sign(A) + 1) / 2``."""
+def optimality(adv: torch.Tensor, clip: float, mode: str = "linear", rewards=None) -> torch.Tensor:
+    """Optimality weights in [0, 1]: 'linear' ``clip(A / clip / 2 + 0.5, 0, 1)``, 'binary' ``(sign(A) + 1) / 2``
+    (``A``: advantages), 'reward' ``clip(R / (2 mean R), 0, 1)`` (``R``: rewards in [0, 1], e.g. a probability or
+    an accuracy; the batch mean of r is 1/2 so the implicit policies' fixed point is the r-weighted old policy,
+    docs/algorithms.md §11.1)."""
     if mode == "binary":
         return (torch.sign(adv) + 1) / 2
+    if mode == "reward":
+        if rewards is None or bool((rewards < 0).any()) or bool((rewards > 1).any()):
+            raise ValueError("nft.optimality = 'reward' needs rewards in [0, 1] (a probability or an accuracy)")
+        return (rewards / (2 * rewards.mean().clamp_min(1e-12))).clamp(0, 1)
     return (adv.clamp(-clip, clip) / clip / 2 + 0.5).clamp(0, 1)
 
 
@@ -101,7 +107,7 @@ class DiffusionNFT(ObjectiveBase):
 
     def prepare(self, epoch: int, batch: EpochBatch) -> NFTUnits:
         r_global = optimality(self.advantages(batch.rewards, batch.group_ids), self.cfg.train.advantage_clip,
-                              self.cfg.nft.optimality)
+                              self.cfg.nft.optimality, batch.rewards)
         local = batch.local
         keep = (local >= 0).nonzero().flatten()  # padding rows train nothing
         steps = batch.plan.train_steps[local.clamp_min(0)]
