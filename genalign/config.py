@@ -290,8 +290,8 @@ class NFTConfig:
     """Optimizer steps before the decay starts growing."""
     optimality: str = "linear"
     """How advantages become optimality weights r: 'linear' ``clip(A / train.advantage_clip / 2 + 1/2, 0, 1)``
-    (the paper's default) or 'binary' (1 above the group's mean, 0 below, 1/2 at it: the released code's
-    ``adv_mode: binary``)."""
+    (the paper's default), 'binary' (1 above the group's mean, 0 below, 1/2 at it: the released code's
+    ``adv_mode: binary``) or 'reward' (rewards in [0, 1] scaled to mean 1/2: ``clip(R / (2 mean R), 0, 1)``)."""
     adaptive_weight: bool = True
     """Divide each sample's x0 squared error by its (stop-gradient) mean absolute x0 error, as the released code
     does; false: the plain flow-matching MSE."""

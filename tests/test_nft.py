@@ -14,6 +14,11 @@ from .test_trainer import make_trainer, prompts_file, sd3_dir  # noqa: F401
 def test_optimality_maps_clipped_advantages_to_unit_interval():
     adv = torch.tensor([-10.0, -5.0, -2.5, 0.0, 2.5, 5.0, 7.0])
     assert optimality(adv, 5.0).tolist() == [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert optimality(adv, 5.0, "binary").tolist() == [0.0, 0.0, 0.0, 0.5, 1.0, 1.0, 1.0]
+    rewards = torch.tensor([0.0, 0.2, 0.4, 1.0])  # mean 0.4 -> r = R / 0.8, clipped at 1
+    assert optimality(adv[:4], 5.0, "reward", rewards).tolist() == pytest.approx([0.0, 0.25, 0.5, 1.0])
+    with pytest.raises(ValueError, match="rewards in \\[0, 1\\]"):
+        optimality(adv[:2], 5.0, "reward", torch.tensor([0.5, 1.5]))
 
 
 def test_loss_matches_hand_computed_values():

@@ -147,7 +147,7 @@ def test_evaluator_metrics_identical_for_one_and_two_processes(tuned, batch_size
     two = _run_world(make, policy, 2)
     metrics, images, prompts = one
     assert set(metrics) == {"eval/reward", "eval/digit_correct", "eval/digit_correct.score",
-                            "eval/digit_correct.accuracy", f"eval/{BRIGHTNESS}"}
+                            "eval/digit_correct.accuracy", "eval/digit_correct.probability", f"eval/{BRIGHTNESS}"}
     assert prompts == PROMPTS and images.shape == (3, 3, 8, 8)
     assert [r[2] for r in two] == [[PROMPTS[0], PROMPTS[2]], [PROMPTS[1]]]
     torch.testing.assert_close(torch.cat([two[0][1], two[1][1]]), images[[0, 2, 1]], rtol=0, atol=1e-5)
