@@ -167,3 +167,25 @@ def test_trainer_stops_after_a_flagged_evaluation_when_asked(tmp_path, monkeypat
     assert tr.epoch == 2
     assert (tmp_path / "run" / "final" / "lora").is_dir()
     assert any(p.name.startswith("checkpoint-") for p in (tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_trainer_uses_the_configured_judge_encoder(tmp_path):
+    """eval.judge_encoder + eval.judge_references replace the adapter's judge (here: digit-classifier features
+    against real digits written as PNGs) and feed the hacking checks."""
+    from PIL import Image
+
+    from genalign.pipelines.digits_pretrain import load_split
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for i, x in enumerate(load_split()[2][:40]):
+        Image.fromarray(((x[0] + 1) / 2 * 255).round().byte().numpy()).save(refs / f"{i:03d}.png")
+    tr = digits_trainer(tmp_path, "num_epochs=1", "eval.judge_encoder=digits", f"eval.judge_references={refs}")
+    tr.train()
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    evals = [r for r in rows if "eval/reward" in r]
+    assert len(evals) == 2
+    for r in evals:
+        assert {"eval/fd_independent", "eval/diversity", "eval/vendi", "eval/precision", "eval/recall"} <= set(r)
+        assert "eval/diversity_ratio" not in r  # the pixel-PCA judge of the adapter is replaced
+    assert "hacking/fd_rise" in evals[1] and "hacking/diversity_drop" in evals[1]
