@@ -198,12 +198,20 @@ def judge(images: ArrayLike, prompt_labels: ArrayLike, real_images: ArrayLike, r
     """Judge generated ``images [N, C, H, W]`` (prompted classes ``prompt_labels [N]``) against real
     ``real_images`` / ``real_labels`` in the independent feature space ``pca`` (fit it on real images that
     are NOT ``real_images``, e.g. the training split). Returns ``{"fd_independent", "diversity",
-    "diversity_ratio", "vendi"}`` (see the module docstring)."""
+    "diversity_ratio", "vendi"}`` (see the module docstring); a metric the request is too small for is left out
+    (FD needs 2 images, diversity a class with 2 images)."""
     gen, real = pca.features(images), pca.features(real_images)
-    return {"fd_independent": frechet_distance(gen, real),
-            "diversity": within_class_diversity(gen, prompt_labels),
-            "diversity_ratio": diversity_ratio(gen, prompt_labels, real, real_labels),
-            "vendi": vendi_score(gen)}
+    out = {"fd_independent": frechet_distance(gen, real)} if len(gen) >= 2 else {}
+    if _has_pairs(prompt_labels):  # diversity needs a class with >= 2 images (a small request may have none)
+        out["diversity"] = within_class_diversity(gen, prompt_labels)
+        out["diversity_ratio"] = diversity_ratio(gen, prompt_labels, real, real_labels)
+    out["vendi"] = vendi_score(gen)
+    return out
+
+
+def _has_pairs(labels: ArrayLike) -> bool:
+    """Some label occurs at least twice."""
+    return bool((torch.unique(_classes(labels), return_counts=True)[1] >= 2).any())
 
 
 class EncoderJudge:
@@ -237,9 +245,11 @@ class EncoderJudge:
         gen = _as_float64(self.encoder.encode(images.float()))
         real = self._reference_features(tuple(images.shape[-2:]))
         ids = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
-        out = {"eval/fd_independent": frechet_distance(gen, real),
-               "eval/diversity": within_class_diversity(gen, torch.tensor([ids[p] for p in prompts])),
-               "eval/vendi": vendi_score(gen)}
+        labels = torch.tensor([ids[p] for p in prompts])
+        out = {"eval/fd_independent": frechet_distance(gen, real)} if len(gen) >= 2 else {}
+        if _has_pairs(labels):  # metrics the request is too small for are left out
+            out["eval/diversity"] = within_class_diversity(gen, labels)
+        out["eval/vendi"] = vendi_score(gen)
         if min(len(gen), len(real)) > self.k:
             out.update({f"eval/{k}": v for k, v in precision_recall(gen, real, self.k).items()})
         return out

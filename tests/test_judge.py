@@ -121,3 +121,23 @@ def test_digits_adapter_judge_hook_sees_collapse_that_real_digits_do_not_show():
         collapsed[idx] = real[idx[0]]
     bad = hook(collapsed, prompts)
     assert bad["eval/diversity_ratio"] < 1e-6 and bad["eval/fd_independent"] > 5 * fair["eval/fd_independent"]
+
+
+def test_judge_leaves_out_what_a_small_request_cannot_measure():
+    """One image per prompt (e.g. ``genalign eval --num-per-prompt 1``): no within-prompt diversity; one image in
+    all: no FD either. Vendi is always defined."""
+    from genalign.judge import EncoderJudge
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(30, 1, 8, 8, generator=g)
+    pca = PixelPCA.fit(real, dim=4)
+    out = judge(torch.rand(3, 1, 8, 8, generator=g), torch.tensor([0, 1, 2]), real, torch.arange(30) % 3, pca)
+    assert set(out) == {"fd_independent", "vendi"}
+    assert set(judge(real[:1], torch.tensor([0]), real, torch.arange(30) % 3, pca)) == {"vendi"}
+
+    class Mean:
+        def encode(self, images):
+            return images.mean((2, 3))
+
+    enc = EncoderJudge(Mean(), torch.rand(10, 3, 4, 4, generator=g))
+    assert set(enc(torch.rand(3, 3, 4, 4, generator=g), ["a", "b", "c"])) == {"eval/fd_independent", "eval/vendi"}
