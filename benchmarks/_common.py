@@ -60,6 +60,16 @@ def random_embeds(batch: int, device, seed: int = 0) -> Dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in out.items()}
 
 
+def mean_std(values) -> dict:
+    """``{"mean", "std" (population), "values"}`` over seeds; None entries (e.g. a target never reached) are left
+    out of the mean and std, which are None when no value is known."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return {"mean": None, "std": None, "values": list(values)}
+    mean = sum(known) / len(known)
+    return {"mean": mean, "std": (sum((v - mean) ** 2 for v in known) / len(known)) ** 0.5, "values": list(values)}
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

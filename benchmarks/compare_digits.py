@@ -30,7 +30,9 @@ import time
 import torch
 import yaml
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+import _common as C  # benchmarks/ is on sys.path when this script runs
+
+RESULTS = C.RESULTS
 
 
 def frechet(feats_a: torch.Tensor, feats_b: torch.Tensor) -> float:
@@ -120,11 +122,7 @@ def summarize(seeds: list) -> dict:
     out = {}
     keys = list(SUMMARY_KEYS) + sorted({k for r in seeds for k in r if k.startswith(TARGET_KEYS)})
     for key in keys:
-        values = [r.get(key) for r in seeds]
-        known = [v for v in values if v is not None]
-        mean = sum(known) / len(known) if known else None
-        std = (sum((v - mean) ** 2 for v in known) / len(known)) ** 0.5 if known else None
-        out[key] = {"mean": mean, "std": std, "values": values}
+        out[key] = C.mean_std([r.get(key) for r in seeds])
     return out
 
 

@@ -67,14 +67,6 @@ def run_seed(seed: int, out_dir: str, overrides) -> dict:
             "judge_2000": judged, "eval_curve": evals}
 
 
-def _stats(values):
-    known = [v for v in values if v is not None]
-    if not known:
-        return {"mean": None, "std": None, "values": values}
-    mean = sum(known) / len(known)
-    return {"mean": mean, "std": (sum((v - mean) ** 2 for v in known) / len(known)) ** 0.5, "values": values}
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--output-dir", default=None, help="parent of the runs (default: a temporary directory)")
@@ -86,12 +78,12 @@ def main(argv=None):
     parent = args.output_dir or tempfile.mkdtemp(prefix="genalign_digits_e2e_")
     overrides = list(args.overrides) + ([f"num_epochs={args.max_epochs}"] if args.max_epochs else [])
     seeds = [run_seed(seed, os.path.join(parent, f"seed{seed}"), overrides) for seed in args.seeds]
-    summary = {key: _stats([r["judge_2000"]["tuned"][key] for r in seeds])
+    summary = {key: C.mean_std([r["judge_2000"]["tuned"][key] for r in seeds])
                for key in ("accuracy", "fd_independent", "diversity_ratio", "vendi")}
-    summary["wall_s"] = _stats([r["wall_s"] for r in seeds])
+    summary["wall_s"] = C.mean_std([r["wall_s"] for r in seeds])
     for t in ("0.9", "0.95", "0.97"):
-        summary[f"samples_to_{t}"] = _stats([(r[f"reach_{t}"] or {}).get("samples_seen") for r in seeds])
-        summary[f"seconds_to_{t}"] = _stats([(r[f"reach_{t}"] or {}).get("elapsed_s") for r in seeds])
+        summary[f"samples_to_{t}"] = C.mean_std([(r[f"reach_{t}"] or {}).get("samples_seen") for r in seeds])
+        summary[f"seconds_to_{t}"] = C.mean_std([(r[f"reach_{t}"] or {}).get("elapsed_s") for r in seeds])
     base = seeds[0]["judge_2000"]["base"]
     result = {"command": "OMP_NUM_THREADS=1 python benchmarks/digits_e2e.py --seeds " + " ".join(map(str, args.seeds)),
               "machine": C.machine("cpu"), "base_2000": base, "summary": summary, "seeds": seeds,

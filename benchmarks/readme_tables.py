@@ -30,14 +30,14 @@ def _load(name: str) -> Optional[dict]:
         return json.load(fh)
 
 
-def _pm(summary: dict, key: str, fmt: str, scale: float = 1.0) -> str:
+def _pm(summary: dict, key: str, fmt: str) -> str:
     """``mean ± std`` over seeds (``n/m`` when only n of m seeds have a value, "-" when none has)."""
     s = summary.get(key)
     if not s or s["mean"] is None:
         return "-"
     values = s["values"]
     known = sum(v is not None for v in values)
-    text = f"{s['mean'] * scale:{fmt}}" + (f" ± {s['std'] * scale:{fmt}}" if len(values) > 1 else "")
+    text = f"{s['mean']:{fmt}}" + (f" ± {s['std']:{fmt}}" if len(values) > 1 else "")
     return text + (f" ({known}/{len(values)} seeds)" if known < len(values) else "")
 
 
@@ -100,12 +100,7 @@ def default_table(results: dict) -> str:
     n = len(results["seeds"])
 
     def pm(key, fmt):
-        v = s[key]
-        if v["mean"] is None:
-            return "-"
-        known = sum(x is not None for x in v["values"])
-        out = f"{v['mean']:{fmt}}" + (f" ± {v['std']:{fmt}}" if n > 1 else "")
-        return out + (f" ({known}/{n} seeds)" if known < n else "")
+        return _pm(s, key, fmt)
 
     lines = ["| model | accuracy | independent FD | diversity ratio | Vendi | images to 0.9 / 0.95 / 0.97 | wall s |",
              "|---|---|---|---|---|---|---|",

@@ -50,6 +50,15 @@ def compute_advantages(
     return get_advantage(name)(rewards, group_ids, mask, **options)
 
 
+def configured_advantages(train_cfg, rewards: Tensor, group_ids: Tensor) -> Tensor:
+    """The estimator ``train.advantage`` with its config options (``train.advantage_std`` for 'grpo',
+    ``train.advantage_unbiased_std``), unclipped: what every objective of the trainer computes from rewards."""
+    options = {"std": train_cfg.advantage_std} if train_cfg.advantage == "grpo" else {}
+    if train_cfg.advantage_unbiased_std:
+        options["unbiased"] = True
+    return compute_advantages(train_cfg.advantage, rewards, group_ids, **options)
+
+
 # ----------------------------------------------------------------------------------------------------
 # group statistics
 

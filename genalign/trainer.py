@@ -196,11 +196,9 @@ class Trainer:
         return levels
 
     def trainable_steps(self) -> List[int]:
-        """Stochastic steps that are trained: the first ``int(timestep_fraction * n)`` of them (>= 1)."""
-        steps = self.cfg.trainable_steps()
-        if not steps:
-            raise ConfigError("no stochastic step to train: sampling.noise_level is 0")
-        return steps
+        """Stochastic steps that are trained: the first ``int(timestep_fraction * n)`` of them (>= 1;
+        :func:`genalign.methods.trainable_tensor` raises ConfigError when none)."""
+        return methods.trainable_tensor(self.cfg).tolist()
 
     def plan(self, epoch: int) -> EpochPlan:
         """Noise levels and trained steps of every sample of ``epoch`` (windows, branching; see

@@ -28,14 +28,20 @@ def test_flow_sde_step_matches_closed_form_and_normal(batch):
     x, v = batch
     s, s_next, a = torch.tensor([0.9, 0.5, 0.2]), torch.tensor([0.8, 0.3, 0.0]), 0.7
     out = sde.flow_sde_step(v, x, s, s_next, a, generator=torch.Generator().manual_seed(1))
-    sig_t = a * torch.sqrt(s / (1 - s))
+    _check_reverse_sde(out, x, v, s, s_next, a * torch.sqrt(s / (1 - s)))
+    assert out.log_prob.shape == (3,)
+
+
+def _check_reverse_sde(out, x, v, s, s_next, sig_t):
+    """``out`` is the Euler-Maruyama reverse-SDE step with diffusion coefficient ``sig_t`` (closed form, written
+    out per element) and its log-prob the Normal density of its sample."""
     dt = (s_next - s).view(-1, 1, 1, 1)
+    sig_t = torch.as_tensor(sig_t, dtype=s.dtype).expand_as(s)
     mean = x + (v + (sig_t**2 / (2 * s)).view(-1, 1, 1, 1) * (x + (1 - s).view(-1, 1, 1, 1) * v)) * dt
     std = sig_t * torch.sqrt(s - s_next)
     torch.testing.assert_close(out.mean, mean)
     torch.testing.assert_close(out.std, std)
     torch.testing.assert_close(out.log_prob, _normal_mean_logp(out.prev_sample, mean, std))
-    assert out.log_prob.shape == (3,)
 
 
 def test_flow_sde_sum_reduction_is_true_density(batch):
@@ -409,19 +415,14 @@ def test_dance_sde_step_matches_closed_form_normal_and_the_flow_sde_at_the_same_
     x, v = batch
     s, s_next, eta = torch.tensor([1.0, 0.5, 0.2]), torch.tensor([0.8, 0.3, 0.0]), 0.6
     out = sde.dance_sde_step(v, x, s, s_next, eta, generator=torch.Generator().manual_seed(1))
-    dt = (s_next - s).view(-1, 1, 1, 1)
-    mean = x + (v + (eta**2 / (2 * s)).view(-1, 1, 1, 1) * (x + (1 - s).view(-1, 1, 1, 1) * v)) * dt
-    std = eta * torch.sqrt(s - s_next)
-    torch.testing.assert_close(out.mean, mean)
-    torch.testing.assert_close(out.std, std)
-    torch.testing.assert_close(out.log_prob, _normal_mean_logp(out.prev_sample, mean, std))
+    _check_reverse_sde(out, x, v, s, s_next, eta)
     # the Flow-GRPO step with a per-sample a = eta / sqrt(s / (1 - s)) is the same transition (s < 1 only)
     a = eta / torch.sqrt(s[1:] / (1 - s[1:]))
     flow = sde.flow_sde_step(v[1:], x[1:], s[1:], s_next[1:], a, prev_sample=out.prev_sample[1:])
     torch.testing.assert_close(flow.mean, out.mean[1:])
     torch.testing.assert_close(flow.log_prob, out.log_prob[1:])
     ode = sde.dance_sde_step(v, x, s, s_next, 0.0)
-    torch.testing.assert_close(ode.mean, x + v * dt)
+    torch.testing.assert_close(ode.mean, x + v * (s_next - s).view(-1, 1, 1, 1))
     assert torch.all(ode.log_prob == 0) and torch.equal(ode.prev_sample, ode.mean)
     assert sde.flow_step("dance") is sde.dance_sde_step
 

@@ -80,12 +80,10 @@ class TrainContext:
         return adapters_disabled(denoiser)
 
     def trainable_steps(self) -> List[int]:
-        steps = self.cfg.trainable_steps()
-        if not steps:
-            from ..config import ConfigError
+        """The stochastic steps trained (:func:`genalign.methods.trainable_tensor`: ConfigError when none)."""
+        from ..methods import trainable_tensor
 
-            raise ConfigError("no stochastic step to train: sampling.noise_level is 0")
-        return steps
+        return trainable_tensor(self.cfg).tolist()
 
 
 @dataclass

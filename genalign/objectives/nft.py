@@ -29,6 +29,7 @@ from typing import Dict, List
 
 import torch
 
+from ..advantages import configured_advantages
 from ..ema import EMA
 from ..methods import mix_seed
 from .base import EpochBatch, ObjectiveBase, register_objective
@@ -96,18 +97,9 @@ class DiffusionNFT(ObjectiveBase):
     def sampling_context(self):
         return self.old.swapped_in()
 
-    def advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-        from ..advantages import compute_advantages
-
-        t = self.cfg.train
-        extra = {"std": t.advantage_std} if t.advantage == "grpo" else {}
-        if t.advantage_unbiased_std:
-            extra["unbiased"] = True
-        return compute_advantages(t.advantage, rewards, group_ids, **extra)
-
     def prepare(self, epoch: int, batch: EpochBatch) -> NFTUnits:
-        r_global = optimality(self.advantages(batch.rewards, batch.group_ids), self.cfg.train.advantage_clip,
-                              self.cfg.nft.optimality, batch.rewards)
+        adv = configured_advantages(self.cfg.train, batch.rewards, batch.group_ids)
+        r_global = optimality(adv, self.cfg.train.advantage_clip, self.cfg.nft.optimality, batch.rewards)
         local = batch.local
         keep = (local >= 0).nonzero().flatten()  # padding rows train nothing
         steps = batch.plan.train_steps[local.clamp_min(0)]

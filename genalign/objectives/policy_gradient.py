@@ -21,7 +21,7 @@ from typing import Dict, List
 import torch
 
 from .. import losses, methods
-from ..advantages import compute_advantages, zero_variance_groups
+from ..advantages import configured_advantages, zero_variance_groups
 from ..methods import mix_seed
 from ..rollout import Trajectory, gather_steps, recompute_step
 from ..sde import gaussian_kl
@@ -63,11 +63,8 @@ class PolicyGradient(ObjectiveBase):
             adv = methods.branch_advantages(rewards, plan)[torch.arange(len(steps)), steps]
             adv = adv.clamp(-t.advantage_clip, t.advantage_clip)
             group_ids = plan.seed_ids * self.cfg.sampling.num_steps + steps
-        else:
-            extra = {"std": t.advantage_std} if t.advantage == "grpo" else {}  # options checked at config load
-            if t.advantage_unbiased_std:
-                extra["unbiased"] = True
-            adv = compute_advantages(t.advantage, rewards, group_ids, **extra).clamp(-t.advantage_clip, t.advantage_clip)
+        else:  # options checked at config load
+            adv = configured_advantages(t, rewards, group_ids).clamp(-t.advantage_clip, t.advantage_clip)
         valid = torch.ones_like(rewards, dtype=torch.bool)
         if t.filter_zero_std_groups:
             valid = ~zero_variance_groups(rewards, group_ids)
