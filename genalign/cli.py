@@ -110,9 +110,14 @@ def _cmd_sample(args) -> int:
     from .sampling import sample_to_dir
 
     prompts = _prompts(args)
+    conditioning = None
+    if args.prompts_file:  # a .jsonl record's negative prompt / condition image goes to the model
+        from .prompts import read_prompt_records
+
+        conditioning = [r.get("conditioning") for r in read_prompt_records(args.prompts_file)]
     out = sample_to_dir(args.model, prompts, args.num_per_prompt, args.seed, args.out, args.lora, args.steps,
                         args.guidance_scale, args.batch_size, args.device, rlg=args.rlg, dtype=args.dtype,
-                        **_size_kwargs(args))
+                        conditioning=conditioning, **_size_kwargs(args))
     print(f"wrote {len(prompts) * args.num_per_prompt} images and manifest.jsonl to {out}")
     return 0
 
@@ -158,14 +163,16 @@ def eval_settings(args) -> dict:
     def pick(flag, from_cfg, default):
         return flag if flag is not None else (from_cfg() if cfg is not None else default)
 
-    metadata = None
+    metadata = conditioning = None
     if args.prompts_file or args.prompt:
         prompts = _prompts(args)
         if args.prompts_file:
-            metadata = [r["metadata"] for r in read_prompt_records(args.prompts_file)]
+            records = read_prompt_records(args.prompts_file)
+            metadata, conditioning = [r["metadata"] for r in records], [r.get("conditioning") for r in records]
     elif cfg is not None and cfg.eval_prompts_file:
         records = read_prompt_records(cfg.eval_prompts_file)
         prompts, metadata = [r["prompt"] for r in records], [r["metadata"] for r in records]
+        conditioning = [r.get("conditioning") for r in records]
     else:
         raise SystemExit("genalign eval: give --prompts-file FILE, --prompt TEXT or --config RUN/config.json "
                          "(with eval_prompts_file set)")
@@ -177,7 +184,8 @@ def eval_settings(args) -> dict:
     if reward_options is None:
         reward_options = cfg.reward_options if cfg is not None and not args.rewards else None
     return {
-        "model": pick(args.model, lambda: m.id, None), "prompts": prompts, "metadata": metadata, "rewards": rewards,
+        "model": pick(args.model, lambda: m.id, None), "prompts": prompts, "metadata": metadata,
+        "conditioning": conditioning, "rewards": rewards,
         "reward_options": reward_options,
         "num_per_prompt": pick(args.num_per_prompt, lambda: cfg.eval.num_per_prompt, 8),
         "seed": pick(args.seed, lambda: cfg.eval.seed, 0),
@@ -187,7 +195,7 @@ def eval_settings(args) -> dict:
         "batch_size": pick(args.batch_size, lambda: cfg.sampling.batch_size, 32),
         "dtype": args.dtype or (m.dtype if m is not None else None),
         "mixed_precision": cfg.mixed_precision if cfg is not None else "no",
-        "model_kwargs": {**(m.policy_kwargs() if m is not None else {}), **_size_kwargs(args)},
+        "model_kwargs": {**(m.policy_kwargs() if m is not None else {}), **_eval_size(cfg), **_size_kwargs(args)},
         "judge": not args.no_judge and (cfg.eval.judge if cfg is not None else True),
         "judge_encoder": args.judge_encoder or (cfg.eval.judge_encoder if cfg is not None else None),
         "judge_references": args.judge_references or (cfg.eval.judge_references if cfg is not None else None),
@@ -226,6 +234,13 @@ def _cmd_plot(args) -> int:
     plot_metrics(args.run_dir, out, args.keys or None)
     print(f"wrote {out}")
     return 0
+
+
+def _eval_size(cfg) -> dict:
+    """A run's evaluation resolution (``eval.height`` / ``eval.width``), which ``genalign eval --config`` uses."""
+    if cfg is None:
+        return {}
+    return {k: getattr(cfg.eval, k) for k in ("height", "width") if getattr(cfg.eval, k)}
 
 
 def _size_kwargs(args) -> dict:

@@ -78,12 +78,26 @@ class ModelConfig:
     cache_prompt_embeds: bool = False
     """Encode each distinct prompt once and reuse its embeddings, kept on the CPU (diffusers models); training
     prompts repeat every epoch."""
+    condition_size: Optional[Union[int, List[int]]] = None
+    """FLUX.1 Kontext (flux_kontext): the pixel size the prompt set's condition images are resized to, an int
+    (square) or [height, width] (multiples of 16); None = the pipeline's choice: the preferred Kontext resolution
+    (about 1024x1024 pixels) closest to each image's aspect ratio."""
+
+    options: Dict[str, Any] = field(default_factory=dict)
+    """Further keyword options of the model adapter, e.g. {num_frames: 81} (wan), {true_cfg_scale: 4.0} (flux,
+    qwen_image), {max_sequence_length: 256} (qwen_image, z_image). Options the adapter's constructor does not take
+    go to diffusers' ``from_pretrained`` (e.g. {variant: fp16, revision: main})."""
 
     def policy_kwargs(self) -> Dict[str, Any]:
         """The adapter keyword arguments set here (``height``, ``width``, ``drop_t5``, ``offload_text_encoders``,
-        ``cache_prompt_embeds``), only those given or switched on, for ``load_policy(id, **kwargs)``."""
-        names = ("height", "width", "drop_t5", "offload_text_encoders", "cache_prompt_embeds")
-        return {k: getattr(self, k) for k in names if getattr(self, k)}
+        ``cache_prompt_embeds``, ``condition_size`` and ``options``), only those given or switched on, for
+        ``load_policy(id, **kwargs)``."""
+        names = ("height", "width", "drop_t5", "offload_text_encoders", "cache_prompt_embeds", "condition_size")
+        out = {k: getattr(self, k) for k in names if getattr(self, k)}
+        clash = sorted(set(out) & set(self.options))
+        if clash:
+            raise ConfigError(f"model.options sets {clash}, which model.{clash[0]} already sets: use one of them")
+        return {**out, **self.options}
 
 
 @dataclass
@@ -198,7 +212,21 @@ class TrainConfig:
     """Dynamic sampling: at most this many sampling rounds per epoch (the first included); when fewer groups
     with reward variance exist after the last round, the epoch trains on those and logs a warning."""
     surrogate: str = "ppo_clip"
-    """Surrogate objective name (see genalign.losses)."""
+    """Surrogate objective name (see genalign.losses): 'ppo_clip', 'cispo' or 'dppo_mask' (DPPO's divergence trust
+    region: no ratio clipping; a (sample, step) token loses its gradient when its Gaussian KL from the sampling
+    policy's transition exceeds train.dppo_threshold and its ratio already moved the way its advantage pushes)."""
+    dppo_threshold: float = 1e-6
+    """train.surrogate = 'dppo_mask': the per-step KL(current || sampling policy) above which a token that moves
+    further away loses its gradient (KL of the transition Gaussians, reduced over elements like the log-probs)."""
+    kl_space: Optional[str] = None
+    """Where the KL to the reference is measured (train.kl_beta > 0): 'x' (latent space: for the policy-gradient
+    objective the Gaussian KL of the transition means, for the forward-process objectives the squared difference of
+    the predicted clean samples s^2 (v - v_ref)^2) or 'v' (velocity space: mean (v - v_ref)^2 of the denoiser's
+    predictions at the same input). None: the objective's own ('x' for the policy gradient, 'v' for DiffusionNFT,
+    AWM, DGPO and SFT)."""
+    reference_device: Optional[str] = None
+    """Full fine-tuning with train.reference_copy: keep the frozen reference copy on this device ('cpu' saves
+    accelerator memory; its forward then runs on the CPU). None: the policy's device."""
     aggregation: str = "token_mean"
     """Loss aggregation over (sample, step) tokens (see genalign.losses)."""
     ema: bool = True
@@ -226,6 +254,11 @@ class TrainConfig:
 class EvalConfig:
     every: int = 5
     """Evaluate every this many epochs (0 disables periodic evaluation; the end always evaluates)."""
+    height: Optional[int] = None
+    """Evaluation image height in pixels (diffusers models), decoupled from training: e.g. train at 512 and evaluate
+    at 1024; None = the training resolution (model.height)."""
+    width: Optional[int] = None
+    """Evaluation image width in pixels; None = the training resolution (model.width)."""
     num_per_prompt: int = 4
     """Images per evaluation prompt."""
     num_steps: Optional[int] = None
@@ -323,6 +356,49 @@ class DragonConfig:
 
 
 @dataclass
+class AWMConfig:
+    """Options of ``method: awm`` (Advantage Weighted Matching, arXiv 2509.25050; docs/algorithms.md §13.1)."""
+
+    weighting: str = "uniform"
+    """Noise-level weight w(s) of the matching log-likelihood -w(s) mean (v - (eps - x0))^2: 'uniform', 't' (s)
+    or 't2' (s^2)."""
+
+
+@dataclass
+class DGPOConfig:
+    """Options of ``method: dgpo`` (Direct Group Preference Optimization, arXiv 2510.08425; docs/algorithms.md
+    §13.2)."""
+
+    beta: float = 100.0
+    """DPO temperature of the group margin (beta / G) sum_i A_i (L_i - L_ref,i) (the released default, 100)."""
+
+
+@dataclass
+class SFTConfig:
+    """Options of ``method: sft`` (docs/algorithms.md §13.3)."""
+
+    top_k: Optional[int] = None
+    """SFT on samples: train on the best top_k samples of each prompt group only (best-of-N distillation); None =
+    every sample. Not used with a data set (data.train_file)."""
+    sample_from: str = "policy"
+    """Who draws the samples SFT trains on: 'policy' (the trained weights: iterated best-of-N, which narrows every
+    epoch) or 'reference' (the frozen base: LoRA adapters disabled or the frozen copy; the fit then targets the
+    base's own best-of-N distribution, a fixed tilt of the base)."""
+
+
+@dataclass
+class DataConfig:
+    """A data set of images for the data-driven methods (``sft``: demonstrations; ``diffusion_dpo``: preference
+    pairs) instead of on-policy samples (docs/algorithms.md §13.4)."""
+
+    train_file: Optional[str] = None
+    """jsonl: one record per line with 'prompt' and 'image' (sft) or 'prompt', 'chosen' and 'rejected'
+    (diffusion_dpo); image paths are relative to the file's folder. None: train on the policy's own samples."""
+    samples_per_epoch: Optional[int] = None
+    """Records per epoch (drawn without replacement from a fresh permutation every epoch); None = all."""
+
+
+@dataclass
 class AdversarialConfig:
     """Options of ``method: adv_grpo`` (refused under other methods when changed from their defaults)."""
 
@@ -360,7 +436,7 @@ class Config:
     """accelerate trackers to log to as well (tensorboard, wandb), when installed."""
     method: str = "flow_grpo"
     """Training method (genalign.method_specs): flow_grpo, flow_grpo_fast, mixgrpo, tempflow_grpo, grpo_guard,
-    dragon or adv_grpo. It picks the objective and the epoch plan and sets defaults (merged under the YAML and
+    dragon, adv_grpo, diffusion_nft, awm, dgpo, diffusion_dpo or sft. It picks the objective and the epoch plan and sets defaults (merged under the YAML and
     the overrides: explicit keys win); sampling.window / sampling.branching / dragon.* / adversarial.* are the
     options of their methods and refused under the others."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -372,6 +448,10 @@ class Config:
     dragon: DragonConfig = field(default_factory=DragonConfig)
     nft: NFTConfig = field(default_factory=NFTConfig)
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    awm: AWMConfig = field(default_factory=AWMConfig)
+    dgpo: DGPOConfig = field(default_factory=DGPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     @property
     def samples_per_epoch(self) -> int:
@@ -386,6 +466,17 @@ class Config:
         _choice("mixed_precision", self.mixed_precision, ["no", "bf16", "fp16"])
         _choice("train.advantage_std", t.advantage_std, ["group", "batch", "none"])
         _choice("train.kl_form", t.kl_form, ["exact", "flow_grpo"])
+        for key in ("height", "width"):
+            value = getattr(self.eval, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"eval.{key} must be a positive int (pixels) or null, got {value!r}")
+        if t.reference_device and not t.reference_copy:
+            raise ConfigError(f"train.reference_device = {t.reference_device!r} places the frozen reference copy; it "
+                              f"needs train.reference_copy = true (with LoRA the reference is the base weights)")
+        if t.kl_space is not None:
+            _choice("train.kl_space", t.kl_space, ["x", "v"])
+        if t.surrogate == "dppo_mask" and not t.dppo_threshold > 0:
+            raise ConfigError(f"train.dppo_threshold must be > 0, got {t.dppo_threshold}")
         _choice("train.optimizer", t.optimizer, ["adamw", "adamw8bit"])
         _choice("eval.on_hacking", self.eval.on_hacking, ["warn", "stop", "ignore"])
         if self.eval.judge_encoder and not self.eval.judge_references:
@@ -588,7 +679,7 @@ UNSUPPORTED_ADVANTAGES = {
     "process": "it is TempFlow-GRPO's per-(prompt, seed, step) estimator, used automatically with "
                "sampling.branching (method=tempflow_grpo)",
 }
-DIFFUSION_SURROGATES = ("ppo_clip", "cispo")
+DIFFUSION_SURROGATES = ("ppo_clip", "cispo", "dppo_mask")
 """Surrogates the diffusion trainer runs (``train.surrogate``)."""
 UNSUPPORTED_SURROGATES = {"hapo": "it needs per-token entropy scores, which denoising steps do not have"}
 

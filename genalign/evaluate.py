@@ -90,12 +90,14 @@ def evaluate(model: Optional[str], prompts: Sequence[str], rewards, num_per_prom
              mixed_precision: str = "no", model_kwargs: Optional[dict] = None, accelerator=None,
              config: Optional[str] = None, judge: bool = True, judge_encoder: Optional[str] = None,
              judge_references: Optional[str] = None, judge_options: Optional[dict] = None,
-             metadata: Optional[Sequence[dict]] = None) -> dict:
+             metadata: Optional[Sequence[dict]] = None, conditioning: Optional[Sequence[Optional[dict]]] = None
+             ) -> dict:
     """Evaluate ``model`` (+ ``lora``) against ``baseline`` (``"base"``, a LoRA path, or None).
 
     model: a model id or directory; None = the base model recorded in the LoRA's ``base_model.json``
     (:func:`genalign.sampling.resolve_model`). metadata: one dict per prompt passed to the rewards with each of
-    its images (a ``.jsonl`` prompt file's fields).
+    its images (a ``.jsonl`` prompt file's fields). conditioning: one per-prompt conditioning dict (or None) per
+    prompt, passed to the model (a ``.jsonl`` record's ``"conditioning"``: negative prompt, condition image).
     rewards: reward specs (weight 1 each) or a mapping ``{spec: weight}`` (a run's ``reward``), with
     ``reward_options`` as in the config. dtype, model_kwargs (``height``, ``width``, ``drop_t5``, ...),
     mixed_precision: as the config keys ``model.dtype``, ``model.*`` and ``mixed_precision``. accelerator: for several processes
@@ -127,7 +129,7 @@ def evaluate(model: Optional[str], prompts: Sequence[str], rewards, num_per_prom
     reward_set = RewardSet(weights, reward_options, device=str(policy.device))
     steps = default_steps(policy, num_steps)
     evaluator = Evaluator(prompts, num_per_prompt, seed, steps, batch_size, reward_set, accelerator,
-                          metadata=metadata)
+                          metadata=metadata, conditioning=conditioning)
     autocast = mixed_precision_autocast(mixed_precision, policy.device)
 
     from .judge import build_judge

@@ -20,7 +20,7 @@ from typing import Callable, ContextManager, Dict, List, NamedTuple, Optional, S
 
 import torch
 
-from .sampling import expand_jobs, iter_samples, shard
+from .sampling import expand_jobs, iter_samples, middle_frames, shard
 
 
 class EvalScores(NamedTuple):
@@ -28,8 +28,9 @@ class EvalScores(NamedTuple):
 
     scores: ``{"reward": [N], <part>: [N], ...}`` float64 per-image values of ALL ``N`` images in global index
         order (identical on every process): ``reward`` is the reward set's weighted total, then its parts.
-    images: this process's images ``[n_local, 3, H, W]`` (CPU, float32, in global index order); None when
-        :meth:`Evaluator.score` was asked not to keep them.
+    images: this process's images ``[n_local, 3, H, W]`` (CPU, float32, in global index order; videos: their
+        middle frames, :func:`genalign.sampling.middle_frames`); None when :meth:`Evaluator.score` was asked not to
+        keep them.
     prompts: their prompts.
     indices: their global indices.
     """
@@ -51,11 +52,14 @@ class Evaluator:
         index and count (attributes, settable).
     num_steps: ODE steps (None: the policy's default, see :func:`genalign.sampling.default_steps`).
     batch_size: images per sampling (and scoring) batch.
+    conditioning: None or one per-prompt conditioning dict (or None) per prompt (a prompt record's
+        ``"conditioning"``: negative prompt, condition images), passed to the model with each of its images.
     """
 
     def __init__(self, prompts: Sequence[str], num_per_prompt: int, seed: int, num_steps: Optional[int] = None,
                  batch_size: int = 32, reward_fn=None, accelerator=None, *, rank: Optional[int] = None,
-                 world: Optional[int] = None, metadata: Optional[Sequence[dict]] = None):
+                 world: Optional[int] = None, metadata: Optional[Sequence[dict]] = None,
+                 conditioning: Optional[Sequence[Optional[dict]]] = None):
         if not prompts:
             raise ValueError("the evaluator needs at least one prompt")
         if num_per_prompt < 1:
@@ -73,6 +77,9 @@ class Evaluator:
         if metadata is not None and len(metadata) != len(self.prompts):
             raise ValueError(f"{len(metadata)} metadata records for {len(self.prompts)} eval prompts")
         self.metadata = list(metadata) if metadata is not None else [{} for _ in self.prompts]
+        if conditioning is not None and len(conditioning) != len(self.prompts):
+            raise ValueError(f"{len(conditioning)} conditioning records for {len(self.prompts)} eval prompts")
+        self.conditioning = list(conditioning) if conditioning is not None else None
 
     @property
     def num_images(self) -> int:
@@ -95,7 +102,10 @@ class Evaluator:
         prompts, seeds = [self.job_prompts[i] for i in mine], [self.seeds[i] for i in mine]
         images, totals, parts, start = [], [], {}, 0
         grouped = getattr(self.reward_fn, "group_level", False)  # a group = one prompt's images, scored at once
-        batches = iter_samples(policy, prompts, seeds, self.num_steps, self.batch_size, autocast=autocast)
+        conditioning = (None if self.conditioning is None
+                        else [self.conditioning[i // self.num_per_prompt] for i in mine])
+        batches = iter_samples(policy, prompts, seeds, self.num_steps, self.batch_size, autocast=autocast,
+                               conditioning=conditioning)
         if grouped:
             batches = [torch.cat(list(batches))]
         for batch in batches:
@@ -106,8 +116,8 @@ class Evaluator:
             totals.append(total.detach().double().cpu().reshape(-1))
             for k, v in batch_parts.items():
                 parts.setdefault(k, []).append(v.detach().double().cpu().reshape(-1))
-            if keep_images:
-                images.append(batch)
+            if keep_images:  # a video model's videos (scored whole above) are kept as their middle frames
+                images.append(middle_frames(batch))
             start += len(batch)
         names = ["reward"] + list(parts)
         local = torch.stack([torch.cat(totals)] + [torch.cat(parts[k]) for k in parts])  # [K, n_local]

@@ -20,7 +20,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .sampling import Variant, display_parts, load_policy_with_loras, sample_images, to_pil, use_variant
+from .sampling import (Variant, display_parts, load_policy_with_loras, middle_frames, sample_images, to_pil,
+                       use_variant)
 
 PAD = 8            # gap between cells and around the grid
 HEADER_H = 30      # band with the column titles
@@ -35,7 +36,8 @@ HEADER_BG = (232, 236, 242)
 
 @dataclass
 class GridData:
-    """Sampled grid: ``images [C, R, 3, H, W]`` in [0, 1]; ``scores[part] [C, R]`` for every reward
+    """Sampled grid: ``images [C, R, 3, H, W]`` in [0, 1] (a video model's: each video's middle frame, the videos
+    themselves scored); ``scores[part] [C, R]`` for every reward
     component; ``rewards`` the main reward names shown in captions; ``rows`` the ``(prompt, seed)`` pairs."""
 
     columns: List[Variant]
@@ -81,6 +83,7 @@ def compute_grid(policy, prompts: Sequence[str], seeds: Sequence[int], columns: 
         parts = [reward_set(col_images, row_prompts, [{"seed": s} for s in row_seeds])[1] for col_images in data.images]
         data.scores = {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
         data.rewards = list(reward_set.names)
+    data.images = torch.stack([middle_frames(c) for c in data.images])  # videos: scored whole, shown by a frame
     return data
 
 

@@ -25,9 +25,9 @@ def add_lora(denoiser: torch.nn.Module, rank: int, alpha: float, target_modules:
     """Add a trainable LoRA adapter (dropout 0, so rollout and training forwards are identical)."""
     from peft import LoraConfig
 
-    present = {name.split(".")[-1] for name, _ in denoiser.named_modules()} | {
-        ".".join(name.split(".")[-2:]) for name, _ in denoiser.named_modules()}
-    missing = [m for m in target_modules if m not in present]
+    names = [name for name, _ in denoiser.named_modules()]
+    # peft matches a target to a module name that equals it or ends with "." + it (any number of name parts)
+    missing = [m for m in target_modules if not any(n == m or n.endswith("." + m) for n in names)]
     if len(missing) == len(target_modules):
         raise ValueError(f"none of the LoRA target modules {target_modules} exist in {type(denoiser).__name__}")
     found = [m for m in target_modules if m not in missing]
@@ -53,9 +53,11 @@ def adapters_disabled(denoiser: torch.nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def forward_of(live: torch.nn.Module, other: torch.nn.Module) -> Iterator[None]:
-    """Make ``live(...)`` run ``other``'s forward (a frozen reference copy) for the duration."""
+    """Make ``live(...)`` run ``other``'s forward (a frozen reference copy) for the duration. When ``other`` lives
+    on another device (``train.reference_device: cpu``), the call's tensors go there and its outputs come back to
+    the device of the call's first tensor argument."""
     previous = live.__dict__.get("forward")  # an instance-level forward (e.g. routing through a DDP wrapper)
-    live.forward = other.forward
+    live.forward = _on_own_device(other)
     try:
         yield
     finally:
@@ -63,6 +65,24 @@ def forward_of(live: torch.nn.Module, other: torch.nn.Module) -> Iterator[None]:
             del live.forward
         else:
             live.forward = previous
+
+
+def _on_own_device(module: torch.nn.Module):
+    """``module.forward``, moving tensor arguments to the module's device and the outputs back when they differ."""
+    from torch.utils._pytree import tree_flatten, tree_map
+
+    own = next(module.parameters()).device
+
+    def forward(*args, **kwargs):
+        tensors = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor)]
+        back = tensors[0].device if tensors else own
+        if back == own:
+            return module.forward(*args, **kwargs)
+        there = tree_map(lambda x: x.to(own) if isinstance(x, torch.Tensor) else x, (args, kwargs))
+        out = module.forward(*there[0], **there[1])
+        return tree_map(lambda x: x.to(back) if isinstance(x, torch.Tensor) else x, out)
+
+    return forward
 
 
 def lora_state_dict(denoiser: torch.nn.Module) -> dict:
@@ -91,8 +111,11 @@ def save_lora(policy, out_dir: str, base_model: str) -> None:
         pipeline_cls = getattr(diffusers, name)
         if not hasattr(pipeline_cls, "save_lora_weights"):  # e.g. DDPMPolicy loads through DiffusionPipeline
             pipeline_cls = type(policy.pipe)
-        key = "unet_lora_layers" if getattr(policy, "denoiser_name", "transformer") == "unet" else "transformer_lora_layers"
-        pipeline_cls.save_lora_weights(out_dir, **{key: state})
+        prefix = "unet" if getattr(policy, "denoiser_name", "transformer") == "unet" else "transformer"
+        # the adapter's config (alpha included) goes with the weights: without it diffusers loads them at
+        # lora_alpha = r, i.e. at the wrong scale whenever lora.alpha != lora.rank
+        pipeline_cls.save_lora_weights(out_dir, **{f"{prefix}_lora_layers": state,
+                                                   f"{prefix}_lora_adapter_metadata": cfg})
 
 
 def _base_param_count(denoiser: torch.nn.Module) -> int:

@@ -305,6 +305,21 @@ def _hapo_surrogate(log_r, advantages, logp, *, eps_low, eps_high=None, dual_cli
                           adv_beta, return_clipped=True)
 
 
+@register_surrogate("dppo_mask")
+def _dppo_mask_surrogate(log_r, advantages, logp, *, eps_low=None, eps_high=None, dual_clip=None, divergence,
+                         threshold):
+    """DPPO's divergence trust region instead of ratio clipping: ``-A r`` per token, with no gradient where the
+    divergence of the current from the sampling policy (``divergence [B, T]``, e.g. the per-step Gaussian KL)
+    exceeds ``threshold`` AND the ratio has already moved the way the advantage pushes it (``A > 0, r > 1`` or
+    ``A < 0, r < 1``); tokens moving back toward the sampling policy always keep their gradient."""
+    ratio = torch.exp(_f32(log_r))
+    adv = _per_token(advantages, ratio, "advantages").detach()
+    div = _per_token(divergence, ratio, "divergence").detach()
+    masked = (div > threshold) & (((adv > 0) & (ratio > 1)) | ((adv < 0) & (ratio < 1)))
+    loss = torch.where(masked, (-adv * ratio).detach(), -adv * ratio)
+    return SurrogateOutput(loss, masked)
+
+
 # ----------------------------------------------------------------------------------------------------
 # aggregation
 

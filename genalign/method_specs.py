@@ -83,6 +83,9 @@ class MethodSpec:
     """Config keys (a key or a section) that are this method's options; refused under other methods."""
     reward: Optional[str] = None
     """A reward name this method requires in ``reward`` (and that other methods may not use)."""
+    data_kind: Optional[str] = None
+    """The records of ``data.train_file`` this method trains on (:mod:`genalign.datasets`: 'image' or 'pairs');
+    None: the method trains on its own samples only."""
 
     def validate(self, cfg) -> None:
         """Method-specific checks (after the general ones of :meth:`genalign.config.Config.validate`)."""
@@ -215,9 +218,24 @@ class Dragon(MethodSpec):
         _no_dynamic_sampling(cfg, self.name, "it trains D+ / D- splits, not group advantages")
 
 
+@dataclass(frozen=True)
+class _ForwardProcessMethod(MethodSpec):
+    """A method trained on the forward process (clean samples noised afresh; no log-probs): samples with the
+    deterministic ODE by default and trains every sample at the steps of :func:`genalign.methods.nft_steps`."""
+
+    defaults: Dict[str, Any] = field(default_factory=lambda: {
+        "sampling": {"noise_level": 0.0}, "train": {"kl_beta": 0.0, "advantage_std": "batch"}})
+
+    def validate(self, cfg) -> None:
+        _no_dynamic_sampling(cfg, self.name, "it trains every sample of the epoch")
+
+    def plan(self, cfg, epoch: int, group_ids: torch.Tensor, base_levels: torch.Tensor) -> EpochPlan:
+        return forward_process_plan(cfg, group_ids, base_levels)
+
+
 @register_method
 @dataclass(frozen=True)
-class DiffusionNFT(MethodSpec):
+class DiffusionNFT(_ForwardProcessMethod):
     """DiffusionNFT (arXiv 2509.16117): online RL on the forward process. Samples come from the "old" policy
     with any sampler (deterministic ODE by default, CFG-free); each is trained on the flow-matching loss
     through an implicit positive policy ``beta v + (1 - beta) v_old`` weighted by its reward-derived optimality
@@ -226,8 +244,6 @@ class DiffusionNFT(MethodSpec):
 
     name: str = "diffusion_nft"
     objective: str = "nft"
-    defaults: Dict[str, Any] = field(default_factory=lambda: {
-        "sampling": {"noise_level": 0.0}, "train": {"kl_beta": 0.0, "advantage_std": "batch"}})
     options: Tuple[str, ...] = ("nft",)
 
     def validate(self, cfg) -> None:
@@ -241,7 +257,102 @@ class DiffusionNFT(MethodSpec):
         if cfg.train.advantage_clip <= 0:
             raise ConfigError(f"train.advantage_clip must be > 0 for diffusion_nft (it maps advantages to the "
                               f"optimality weight r), got {cfg.train.advantage_clip}")
-        _no_dynamic_sampling(cfg, self.name, "it trains every sample of the epoch")
+        super().validate(cfg)
+
+
+@register_method
+@dataclass(frozen=True)
+class AWM(_ForwardProcessMethod):
+    """AWM (arXiv 2509.25050): advantage-weighted flow-matching loss on the epoch's samples with the PPO clip on
+    the matching likelihood ratio (docs/algorithms.md §13.1). Options ``awm.*``."""
+
+    name: str = "awm"
+    objective: str = "awm"
+    options: Tuple[str, ...] = ("awm",)
+
+    def validate(self, cfg) -> None:
+        check_choice("awm.weighting", cfg.awm.weighting, ["uniform", "t", "t2"])
+        super().validate(cfg)
+
+
+@register_method
+@dataclass(frozen=True)
+class DGPO(_ForwardProcessMethod):
+    """DGPO (arXiv 2510.08425): a DPO over whole prompt groups on the flow-matching loss, advantages as the
+    preference weights, shared noise within a group (docs/algorithms.md §13.2). Options ``dgpo.*``."""
+
+    name: str = "dgpo"
+    objective: str = "dgpo"
+    options: Tuple[str, ...] = ("dgpo",)
+
+    def validate(self, cfg) -> None:
+        if not cfg.dgpo.beta > 0:
+            raise ConfigError(f"dgpo.beta must be > 0, got {cfg.dgpo.beta}")
+        super().validate(cfg)
+
+
+def _check_data_file(cfg, fields: str) -> None:
+    path = cfg.data.train_file
+    if path is not None and not (isinstance(path, str) and path.endswith(".jsonl")):
+        raise ConfigError(f"data.train_file must be a .jsonl file of records with {fields}, got {path!r}")
+    n = cfg.data.samples_per_epoch
+    if n is not None and (not isinstance(n, int) or n < 1):
+        raise ConfigError(f"data.samples_per_epoch must be an int >= 1 or null, got {n!r}")
+
+
+@register_method
+@dataclass(frozen=True)
+class SFT(_ForwardProcessMethod):
+    """Supervised fine-tuning on the flow-matching loss: demonstrations from ``data.train_file`` or the epoch's own
+    samples (optionally the best ``sft.top_k`` of each group) (docs/algorithms.md §13.3). Options ``sft.*``,
+    ``data.*``."""
+
+    name: str = "sft"
+    objective: str = "sft"
+    options: Tuple[str, ...] = ("sft", "data")
+    data_kind: Optional[str] = "image"
+
+    def validate(self, cfg) -> None:
+        k = cfg.sft.top_k
+        if k is not None and (not isinstance(k, int) or not 1 <= k <= cfg.sampling.group_size):
+            raise ConfigError(f"sft.top_k must be an int in [1, sampling.group_size = {cfg.sampling.group_size}] or "
+                              f"null, got {k!r}")
+        if k is not None and cfg.data.train_file:
+            raise ConfigError("sft.top_k selects among the policy's own samples; with data.train_file every "
+                              "demonstration is trained (remove one of them)")
+        check_choice("sft.sample_from", cfg.sft.sample_from, ["policy", "reference"])
+        if cfg.sft.sample_from != "policy" and cfg.data.train_file:
+            raise ConfigError("sft.sample_from chooses who samples; with data.train_file nothing is sampled "
+                              "(remove one of them)")
+        _check_data_file(cfg, "'prompt' and 'image'")
+        super().validate(cfg)
+
+
+@register_method
+@dataclass(frozen=True)
+class DiffusionDPO(MethodSpec):
+    """Diffusion-DPO (Wallace et al. 2024, arXiv 2311.12908) on (winner, loser) pairs: online, the better and worse
+    halves of each prompt group of the policy's own ODE samples paired in reward order; offline, the chosen /
+    rejected pairs of ``data.train_file`` (docs/algorithms.md §6, §13.4). The DRAGON objective with
+    ``dragon.loss: dpo`` and instance pairs; options ``dragon.beta`` and ``data.*``."""
+
+    name: str = "diffusion_dpo"
+    objective: str = "dragon"
+    defaults: Dict[str, Any] = field(default_factory=lambda: {"sampling": {"noise_level": 0.0}})
+    options: Tuple[str, ...] = ("dragon", "data")
+    data_kind: Optional[str] = "pairs"
+
+    def validate(self, cfg) -> None:
+        d = cfg.dragon
+        changed = [f"dragon.{k}={getattr(d, k)!r}" for k in ("loss", "criterion", "pairing")
+                   if getattr(d, k) != {"loss": "dpo", "criterion": "instance", "pairing": "paired"}[k]]
+        if changed:
+            raise ConfigError(f"method diffusion_dpo trains Diffusion-DPO on instance pairs; {', '.join(changed)} "
+                              f"belong to method dragon (set method: dragon)")
+        if d.beta is not None and d.beta <= 0:
+            raise ConfigError(f"dragon.beta must be > 0, got {d.beta}")
+        _check_data_file(cfg, "'prompt', 'chosen' and 'rejected'")
+        _no_dynamic_sampling(cfg, self.name, "it trains pairs within prompt groups")
 
     def plan(self, cfg, epoch: int, group_ids: torch.Tensor, base_levels: torch.Tensor) -> EpochPlan:
         return forward_process_plan(cfg, group_ids, base_levels)
@@ -312,6 +423,7 @@ def check_method_options(cfg, spec: MethodSpec) -> None:
             keys = _set_keys(cfg, key)
             if keys:
                 owners = [n for n in METHODS if key in METHODS[n]().options]
+                owners.sort(key=lambda n: n != key)  # a section named after a method (dragon.*) names it first
                 if key == "sampling.window":  # name the owner of the window's kind first
                     kind = (cfg.sampling.window or {}).get("kind")
                     owners.sort(key=lambda n: getattr(METHODS[n], "window_kind", None) != kind)
@@ -324,5 +436,5 @@ def check_method_options(cfg, spec: MethodSpec) -> None:
                               f"{spec.name}); set method: {other.name}")
 
 
-__all__ = ["METHODS", "AdvGRPO", "Dragon", "FlowGRPO", "FlowGRPOFast", "GRPOGuard", "MethodSpec",
+__all__ = ["AWM", "DGPO", "METHODS", "SFT", "AdvGRPO", "DiffusionDPO", "Dragon", "FlowGRPO", "FlowGRPOFast", "GRPOGuard", "MethodSpec",
            "MixGRPO", "TempFlowGRPO", "check_method_options", "get_method", "register_method", "reward_names"]

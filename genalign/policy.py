@@ -11,7 +11,7 @@ concatenated and stored like any other per-sample tensor.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Protocol, Tuple, runtime_checkable
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 import torch
 
@@ -44,8 +44,14 @@ class Policy(Protocol):
     def denoiser(self) -> torch.nn.Module:
         """The network that is trained (transformer or UNet)."""
 
-    def encode(self, prompts: List[str]) -> Cond:
-        """Encode prompts (and the empty negative prompt when CFG is on) -> batch-first tensors."""
+    def encode(self, prompts: List[str], conditioning: Optional[List[Optional[dict]]] = None) -> Cond:
+        """Encode prompts (and the empty negative prompt when CFG is on) -> batch-first tensors.
+
+        conditioning: None, or one dict per prompt (:data:`CONDITIONING_KEYS`: ``negative_prompt`` replacing the
+        empty negative of that row, ``images`` condition images) from the prompt set's records
+        (:func:`genalign.prompts.read_prompt_records`). An adapter that cannot honour a field raises an error naming
+        itself, the prompt index and the field (never ignores it). Callers use :func:`encode_prompts`, which calls
+        ``encode(prompts)`` when no row has conditioning."""
 
     def schedule(self, num_steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(timesteps [T], sigmas [T+1])`` (float32, on the policy's device)."""
@@ -59,6 +65,97 @@ class Policy(Protocol):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images ``[B, 3, H, W]`` in [0, 1] (float32)."""
+
+
+CONDITIONING_KEYS = ("negative_prompt", "images")
+"""Fields of a per-prompt conditioning dict (a prompt record's ``"conditioning"``): ``negative_prompt`` (str) and
+``images`` (a list of condition image paths or PIL images)."""
+
+
+def conditioning_rows(prompts: Sequence[str], conditioning: Optional[Sequence[Optional[dict]]],
+                      adapter: str = "policy") -> List[dict]:
+    """``conditioning`` checked against ``prompts``: one dict per prompt (None or ``{}`` = nothing), keys from
+    :data:`CONDITIONING_KEYS`; None -> ``[{}] * len(prompts)``. Errors name ``adapter`` and the prompt index."""
+    if conditioning is None:
+        return [{} for _ in prompts]
+    if isinstance(conditioning, dict) or len(conditioning) != len(prompts):
+        raise ValueError(f"{adapter}.encode: conditioning must be a list of one dict (or None) per prompt; got "
+                         f"{type(conditioning).__name__ if isinstance(conditioning, dict) else len(conditioning)} "
+                         f"for {len(prompts)} prompts")
+    rows = []
+    for i, row in enumerate(conditioning):
+        row = {} if row is None else row
+        if not isinstance(row, dict):
+            raise ValueError(f"{adapter}.encode: conditioning of prompt {i} ({prompts[i]!r}) must be a dict, got "
+                             f"{type(row).__name__}")
+        unknown = sorted(set(row) - set(CONDITIONING_KEYS))
+        if unknown:
+            raise ValueError(f"{adapter}.encode: conditioning of prompt {i} ({prompts[i]!r}) has unknown field(s) "
+                             f"{unknown}; known: {list(CONDITIONING_KEYS)}")
+        neg = row.get("negative_prompt")
+        if neg is not None and not isinstance(neg, str):
+            raise ValueError(f"{adapter}.encode: negative_prompt of prompt {i} ({prompts[i]!r}) must be a string, "
+                             f"got {type(neg).__name__}")
+        images = row.get("images")
+        if images is not None and (isinstance(images, (str, bytes)) or not isinstance(images, (list, tuple))):
+            raise ValueError(f"{adapter}.encode: images of prompt {i} ({prompts[i]!r}) must be a list, got "
+                             f"{type(images).__name__}")
+        rows.append({k: v for k, v in row.items() if v})  # '' / [] / None: nothing given
+    return rows
+
+
+def has_conditioning(conditioning: Optional[Sequence[Optional[dict]]]) -> bool:
+    """Whether any row of ``conditioning`` (one dict or None per prompt) gives a field."""
+    return conditioning is not None and any(row and any(row.values()) for row in conditioning)
+
+
+def refuse_conditioning(adapter: str, prompts: Sequence[str], conditioning: Optional[Sequence[Optional[dict]]],
+                        why: str = "it takes no per-prompt negative prompts or condition images") -> None:
+    """For adapters without per-prompt conditioning: raise naming ``adapter``, the first prompt index with a
+    field and that field, unless ``conditioning`` is empty."""
+    for i, row in enumerate(conditioning_rows(prompts, conditioning, adapter)):
+        if row:
+            raise ValueError(f"{adapter}: prompt {i} ({prompts[i]!r}) has {sorted(row)[0]!r} in its conditioning, "
+                             f"but {why}; remove it from the prompt set (or move it under \"metadata\" for the "
+                             f"rewards only)")
+
+
+def check_prompt_conditioning(policy, prompts: Sequence[str],
+                              conditioning: Optional[Sequence[Optional[dict]]]) -> None:
+    """Check a prompt set's conditioning against ``policy`` before any sampling (the adapter's
+    ``check_conditioning`` when it has one: CFG on for negative prompts, condition images accepted). Nothing to
+    check when no row gives a field."""
+    if not has_conditioning(conditioning):
+        return
+    check = getattr(policy, "check_conditioning", None)
+    if check is not None:
+        check(list(prompts), list(conditioning))
+    else:
+        _require_conditioning_parameter(policy, list(prompts), conditioning)
+
+
+def _require_conditioning_parameter(policy, prompts: List[str], conditioning) -> None:
+    import inspect
+
+    try:
+        takes = "conditioning" in inspect.signature(policy.encode).parameters
+    except (TypeError, ValueError):
+        takes = True
+    if not takes:
+        i = next(i for i, row in enumerate(conditioning) if row and any(row.values()))
+        raise ValueError(f"{type(policy).__name__}.encode takes no per-prompt conditioning, but prompt {i} "
+                         f"({prompts[i]!r}) has {sorted(k for k, v in conditioning[i].items() if v)}")
+
+
+def encode_prompts(policy, prompts: Sequence[str], conditioning: Optional[Sequence[Optional[dict]]] = None) -> Cond:
+    """``policy.encode(prompts)`` when no row of ``conditioning`` gives a field (every adapter, including those
+    whose ``encode`` predates per-prompt conditioning), else ``policy.encode(prompts, conditioning)``; an adapter
+    whose ``encode`` has no ``conditioning`` parameter is named in the error."""
+    prompts = list(prompts)
+    if not has_conditioning(conditioning):
+        return policy.encode(prompts)
+    _require_conditioning_parameter(policy, prompts, conditioning)
+    return policy.encode(prompts, conditioning=list(conditioning))
 
 
 def index_cond(cond: Cond, index) -> Cond:

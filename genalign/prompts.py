@@ -28,18 +28,63 @@ def resolve_prompts_path(path: str) -> str:
     return path
 
 
-UNSUPPORTED_FIELDS = ("negative_prompt", "image", "images", "condition_image", "condition_images")
-"""jsonl fields that need per-prompt conditioning the trainer does not pass to the model yet (refused, not ignored)."""
+IMAGE_FIELDS = ("image", "condition_image", "images", "condition_images")
+"""jsonl fields naming a prompt's condition image(s): a path (the first two) or a list of paths (the last two)."""
+CONDITIONING_FIELDS = ("negative_prompt",) + IMAGE_FIELDS
+"""jsonl fields passed to the model (a record's ``"conditioning"``), not to the rewards as metadata."""
 
 
-def read_prompt_records(path: str) -> List[Dict[str, Any]]:
-    """The prompts of a file as records ``{"prompt": str, "metadata": dict}``.
+def _conditioning(obj: Dict[str, Any], path: str, number: int, max_images: int) -> Dict[str, Any]:
+    """The ``"conditioning"`` of one jsonl object (``negative_prompt``, ``images``: checked, existing paths)."""
+    where = f"prompt file {path!r} line {number}"
+    out: Dict[str, Any] = {}
+    neg = obj.get("negative_prompt")
+    if neg is not None:
+        if not isinstance(neg, str):
+            raise ValueError(f"{where}: \"negative_prompt\" must be a string, got {type(neg).__name__}")
+        if neg.strip():  # blank: the default negative (the empty prompt)
+            out["negative_prompt"] = neg.strip()
+    given = [k for k in IMAGE_FIELDS if k in obj]
+    if len(given) > 1:
+        raise ValueError(f"{where}: give the condition image(s) in one field, not {given}")
+    if not given:
+        return out
+    field, value = given[0], obj[given[0]]
+    images = [value] if field in ("image", "condition_image") else value
+    if not isinstance(images, list) or not all(isinstance(v, str) and v.strip() for v in images):
+        kind = "a path (string)" if field in ("image", "condition_image") else "a list of paths (strings)"
+        raise ValueError(f"{where}: {field!r} must be {kind}, got {value!r}")
+    if len(images) > max_images:
+        raise ValueError(f"{where}: {field!r} gives {len(images)} condition images, but at most {max_images} per "
+                         f"prompt is supported (FLUX.1 Kontext takes one condition image)")
+    folder = os.path.dirname(os.path.abspath(path))
+    resolved = []
+    for image in images:
+        full = os.path.normpath(os.path.join(folder, os.path.expanduser(image.strip())))  # absolute: as given
+        if not os.path.isfile(full):
+            raise FileNotFoundError(f"{where}: condition image {full!r} does not exist (given as {image!r}; relative "
+                                    f"paths are relative to the prompt file's folder)")
+        resolved.append(full)
+    if resolved:
+        out["images"] = resolved
+    return out
+
+
+def read_prompt_records(path: str, max_images: int = 1) -> List[Dict[str, Any]]:
+    """The prompts of a file as records ``{"prompt": str, "metadata": dict}`` (plus ``"conditioning"``: dict).
 
     ``.jsonl``: one JSON object per non-empty line with a string ``"prompt"``; its other fields (or its
     ``"metadata"`` object, merged) become the metadata every reward receives with each image of that prompt (e.g.
     the text an OCR reward should find, the objects of a GenEval prompt). Other files: one prompt per non-empty,
     stripped line, empty metadata. ``digits:NAME`` / ``prompts:NAME`` name shipped files (:func:`read_prompts`).
-    Errors name the file and the line."""
+
+    Per-prompt conditioning, passed to the model (:data:`CONDITIONING_FIELDS`, kept out of the metadata):
+    ``"negative_prompt"`` (string; replaces the empty negative prompt of classifier-free guidance for this prompt)
+    and a condition image: ``"image"`` / ``"condition_image"`` (a path) or ``"images"`` / ``"condition_images"`` (a
+    list of at most ``max_images`` paths), relative to the prompt file's folder or absolute, checked to exist. A
+    record that has any gets ``"conditioning": {"negative_prompt": str, "images": [path, ...]}`` (absolute paths)
+    and the first image's path as ``metadata["condition_image"]`` (so an editing reward can compare with it); the
+    other records have no ``"conditioning"`` key. Errors name the file and the line."""
     path = resolve_prompts_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {path!r} does not exist")
@@ -58,16 +103,24 @@ def read_prompt_records(path: str) -> List[Dict[str, Any]]:
             if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
                 raise ValueError(f"prompt file {path!r} line {number}: each line must be an object with a non-empty "
                                  f"string \"prompt\"")
-            bad = [k for k in UNSUPPORTED_FIELDS if k in obj]
-            if bad:
-                raise ValueError(f"prompt file {path!r} line {number}: field {bad[0]!r} is not supported yet (per-prompt "
-                                 f"negative prompts and condition images are not passed to the model); remove it or "
-                                 f"move it under \"metadata\" for the rewards only")
+            conditioning = _conditioning(obj, path, number, max_images)
             meta = obj.get("metadata", {})
             if not isinstance(meta, dict):
                 raise ValueError(f"prompt file {path!r} line {number}: \"metadata\" must be an object")
-            extra = {k: v for k, v in obj.items() if k not in ("prompt", "metadata")}
-            records.append({"prompt": obj["prompt"].strip(), "metadata": {**extra, **meta}})
+            extra = {k: v for k, v in obj.items() if k not in ("prompt", "metadata") + CONDITIONING_FIELDS}
+            record = {"prompt": obj["prompt"].strip(), "metadata": {**extra, **meta}}
+            if conditioning:
+                if conditioning.get("images"):
+                    image = conditioning["images"][0]
+                    given = record["metadata"].get("condition_image", image)
+                    folder = os.path.dirname(os.path.abspath(path))
+                    if not isinstance(given, str) or os.path.normpath(os.path.join(folder, given)) != image:
+                        raise ValueError(f"prompt file {path!r} line {number}: metadata \"condition_image\" "
+                                         f"{record['metadata']['condition_image']!r} differs from the record's "
+                                         f"condition image {image!r}")
+                    record["metadata"]["condition_image"] = image
+                record["conditioning"] = conditioning
+            records.append(record)
     if not records:
         raise ValueError(f"prompt file {path!r} is empty: it needs at least one prompt, one per line")
     return records

@@ -7,6 +7,13 @@ tensor ``[N, 3, H, W]`` in [0, 1], ``prompts`` a list of N strings and ``metadat
 ``scores`` is anything convertible to a float tensor ``[N]`` or a dict of such named tensors (each
 component is then logged and the first key, or ``"score"`` if present, is the value used).
 
+Videos (a video model's samples, ``[N, F, 3, H, W]`` in [0, 1] with F frames, e.g. Wan 2.1's, arXiv 2503.20314):
+a reward declaring ``modality = "video"`` (an attribute of the function or object) receives the videos as they
+are. Any other reward is an image reward: it receives every frame as an image, ``[N * F, 3, H, W]`` (video-major),
+each frame with its prompt and its video's metadata plus ``"frame"`` (the frame's index), and a video's score
+(and each sub-score) is the MEAN of its frames' scores. Images ``[N, 3, H, W]`` go to image rewards unchanged; a
+video reward given images, or any tensor of another rank, raises :class:`RewardError` naming the reward.
+
 Optional attributes a reward object may expose (hints read by :class:`RewardSet`):
 
 - ``batch_size`` (int): the reward is called on chunks of at most this many samples and the chunks'
@@ -203,15 +210,53 @@ def _call_validated(name: str, fn: RewardFn, images: torch.Tensor, prompts: List
     return {"": validate_scores(name, out, prompts, offset=offset)}
 
 
+def is_video_reward(fn: RewardFn) -> bool:
+    """The reward declares ``modality = "video"``: it scores whole videos ``[N, F, 3, H, W]``."""
+    return getattr(fn, "modality", "image") == "video"
+
+
+def _check_rank(name: str, fn: RewardFn, images: torch.Tensor) -> None:
+    """Refuse what ``fn`` cannot score (see the module docstring): a video reward needs ``[N, F, 3, H, W]``,
+    an image reward ``[N, 3, H, W]`` or videos (scored frame by frame)."""
+    shape = tuple(images.shape)
+    if is_video_reward(fn) and images.ndim != 5:
+        raise RewardError(f"reward {name!r} is a video reward (modality = 'video'): it needs videos "
+                          f"[N, F, 3, H, W], got a tensor of shape {shape}", name)
+    if images.ndim not in (4, 5):
+        raise RewardError(f"reward {name!r} scores images [N, 3, H, W] or videos [N, F, 3, H, W] (frame by frame), "
+                          f"got a tensor of shape {shape}", name)
+
+
+def _score_frames(name: str, fn: RewardFn, videos: torch.Tensor, prompts: List[str],
+                  metadata: List[dict]) -> Dict[str, torch.Tensor]:
+    """An image reward on videos ``[N, F, 3, H, W]``: every frame scored as an image (its video's prompt and
+    metadata plus ``"frame"``), then each (sub-)score averaged over the frames of its video -> ``[N]``."""
+    n, f = videos.shape[:2]
+    frame_prompts = [p for p in prompts for _ in range(f)]
+    frame_meta = [{**m, "frame": k} for m in metadata for k in range(f)]
+    try:
+        subs = score_reward(name, fn, videos.flatten(0, 1), frame_prompts, frame_meta)
+    except RewardError as err:  # frame indices -> video indices
+        videos_hit = sorted({i // f for i in err.indices})
+        raise RewardError(f"{err} (frame-by-frame on {n} videos of {f} frames: videos {videos_hit[:10]})",
+                          err.reward, videos_hit) from err
+    return {k: v.reshape(n, f).mean(dim=1) for k, v in subs.items()}
+
+
 def score_reward(name: str, fn: RewardFn, images: torch.Tensor, prompts: Sequence[str],
                  metadata: Optional[Sequence[dict]] = None) -> Dict[str, torch.Tensor]:
     """Score a batch with one reward, honouring its hints (``batch_size``, ``device``, ``set_level``).
 
     Returns ``{"": [N]}`` for a reward returning a tensor, else ``{sub-score name: [N]}``; every tensor is a
     validated float32 CPU tensor. Any failure raises :class:`RewardError` naming ``name``.
+    Videos ``[N, F, 3, H, W]`` go whole to a video reward (``modality = "video"``); an image reward scores their
+    frames and each video gets the mean of its frames' scores (module docstring).
     """
     prompts = list(prompts)
     metadata = list(metadata) if metadata is not None else [{} for _ in prompts]
+    _check_rank(name, fn, images)
+    if images.ndim == 5 and not is_video_reward(fn):
+        return _score_frames(name, fn, images, prompts, metadata)
     device = getattr(fn, "device", None)
     if isinstance(device, (str, torch.device)):
         images = images.to(device)
@@ -326,11 +371,13 @@ class RewardSet:
                  ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Score a batch -> ``(total [N], {component name: [N]})`` (float32, on CPU).
 
-        A dict reward ``name`` also reports ``name.key`` for each of its sub-scores.
+        A dict reward ``name`` also reports ``name.key`` for each of its sub-scores. ``images``: images
+        ``[N, 3, H, W]`` or videos ``[N, F, 3, H, W]`` (an image reward scores a video by the mean over its frames,
+        see the module docstring); another rank raises :class:`RewardError` naming the first reward refusing it.
         """
-        if images.ndim != 4 or images.shape[0] != len(prompts):
-            raise ValueError(f"images must be [N, 3, H, W] with N = len(prompts) = {len(prompts)}, "
-                             f"got {tuple(images.shape)}")
+        if images.ndim == 0 or images.shape[0] != len(prompts):
+            raise ValueError(f"images must be [N, 3, H, W] (videos: [N, F, 3, H, W]) with N = len(prompts) = "
+                             f"{len(prompts)}, got {tuple(images.shape)}")
         total = torch.zeros(len(prompts))
         parts: Dict[str, torch.Tensor] = {}
         for name, fn, weight in self.components:
@@ -423,5 +470,5 @@ def discriminator_round(adversary, sample: Callable[[int], Any], steps: int, rul
 
 
 __all__ = ["ADVERSARIAL_RULES", "PluginError", "RewardError", "RewardFn", "RewardSet", "SetScore", "available_rewards",
-           "discriminator_round", "greedy_split", "leave_one_out", "load_reward", "load_script_function",
-           "register_reward", "reward_factory", "score_reward", "validate_scores"]
+           "discriminator_round", "greedy_split", "is_video_reward", "leave_one_out", "load_reward",
+           "load_script_function", "register_reward", "reward_factory", "score_reward", "validate_scores"]

@@ -197,6 +197,7 @@ def rollout(
             dst += getattr(prefix, name)[:, :start_step].to(device).unbind(1)
         latents = prefix.latents[:, start_step]
     x = policy.initial_latents(batch, generator) if latents is None else latents.to(device, torch.float32)
+    x = x.contiguous()  # a strided view (e.g. packed noise) would change the bits of the recomputed log-probs
     if x.shape[0] != batch:
         raise ValueError(f"initial latents have batch {x.shape[0]}, expected {batch}")
     states.append(x)
@@ -249,8 +250,10 @@ def recompute_step(policy: Policy, traj: Trajectory, step_index: torch.Tensor) -
     x = traj.latents[rows, j]
     x_next = traj.latents[rows, j + 1]
     out = policy.predict(x, traj.timesteps[rows, j], traj.cond)
-    return transition(traj.step_kind, out, x, traj.sigmas[rows, j], traj.sigmas[rows, j + 1],
+    step = transition(traj.step_kind, out, x, traj.sigmas[rows, j], traj.sigmas[rows, j + 1],
                       traj.noise_levels[rows, j], prev_sample=x_next, reduction=traj.reduction)
+    step.model_output = out
+    return step
 
 
 def recompute_log_probs(policy: Policy, traj: Trajectory, step_indices) -> torch.Tensor:

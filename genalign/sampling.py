@@ -189,17 +189,19 @@ def mixed_precision_autocast(mixed_precision: Optional[str] = "no", device=None)
 
 @torch.no_grad()
 def _final_latents(policy, prompts: List[str], seeds: Sequence[int], num_steps: int, levels: torch.Tensor,
-                   step_kind: str) -> torch.Tensor:
+                   step_kind: str, conditioning: Optional[Sequence[Optional[dict]]] = None) -> torch.Tensor:
     """Final latents of one batch. Row i uses only its own generator (seeded ``seeds[i]``): its initial noise,
-    then the noise of every step with a positive level; deterministic steps draw nothing."""
+    then the noise of every step with a positive level; deterministic steps draw nothing. ``conditioning``: one
+    per-prompt conditioning dict (or None) per row (:func:`genalign.policy.encode_prompts`)."""
     from . import sde
+    from .policy import encode_prompts
     from .rollout import check_step_kind, transition
 
     check_step_kind(policy, step_kind)
     generators = [image_generator(policy, s) for s in seeds]
     x = seeded_latents(policy, seeds, generators)
     batch = len(prompts)
-    cond = policy.encode(prompts)
+    cond = encode_prompts(policy, prompts, conditioning)
     timesteps, sigmas = policy.schedule(num_steps)
     if timesteps.shape[0] != num_steps or sigmas.shape[0] != num_steps + 1:
         raise ValueError(f"schedule has {timesteps.shape[0]} timesteps / {sigmas.shape[0]} sigmas "
@@ -225,8 +227,8 @@ def _final_latents(policy, prompts: List[str], seeds: Sequence[int], num_steps: 
 @torch.no_grad()
 def iter_samples(policy, prompts: Sequence[str], seeds: Sequence[int], num_steps: Optional[int] = None,
                  batch_size: int = 32, *, noise_level: Union[float, Sequence[float], torch.Tensor] = 0.0,
-                 step_kind: Optional[str] = None, autocast: Optional[Callable[[], ContextManager]] = None
-                 ) -> Iterator[torch.Tensor]:
+                 step_kind: Optional[str] = None, autocast: Optional[Callable[[], ContextManager]] = None,
+                 conditioning: Optional[Sequence[Optional[dict]]] = None) -> Iterator[torch.Tensor]:
     """THE sampler: image i from prompt ``prompts[i]`` and seed ``seeds[i]``, yielded per batch of
     ``batch_size`` as ``[b, 3, H, W]`` float32 in [0, 1] on the CPU.
 
@@ -238,10 +240,14 @@ def iter_samples(policy, prompts: Sequence[str], seeds: Sequence[int], num_steps
     0 (default) = the deterministic ODE (DDIM eta = 0 for DDPM models). step_kind: default
     :func:`default_step_kind`. Guidance is the policy's (``policy.guidance_scale``), the dtype its weights';
     ``autocast``: a zero-argument factory of the mixed-precision context entered around each batch's sampling
-    and decoding (e.g. ``Accelerator.autocast`` or :func:`mixed_precision_autocast`).
+    and decoding (e.g. ``Accelerator.autocast`` or :func:`mixed_precision_autocast`). ``conditioning``: None or
+    one per-prompt conditioning dict per image (a prompt record's ``"conditioning"``: negative prompt, condition
+    images; :func:`genalign.prompts.read_prompt_records`), passed to ``policy.encode`` with its batch.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if conditioning is not None and len(conditioning) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(conditioning)} conditioning entries")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     steps = default_steps(policy, num_steps)
@@ -250,7 +256,9 @@ def iter_samples(policy, prompts: Sequence[str], seeds: Sequence[int], num_steps
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start:start + batch_size])
         with autocast() if autocast is not None else contextlib.nullcontext():
-            images = policy.decode(_final_latents(policy, chunk, seeds[start:start + batch_size], steps, levels, kind))
+            rows = None if conditioning is None else list(conditioning[start:start + batch_size])
+            images = policy.decode(_final_latents(policy, chunk, seeds[start:start + batch_size], steps, levels, kind,
+                                                  rows))
         yield images.clamp(0, 1).float().cpu()
 
 
@@ -272,21 +280,31 @@ def display_parts(parts: Sequence[str], rewards: Sequence[str]) -> List[str]:
     return out + [p for p in parts if p not in out and not any(p == r + ".score" for r in rewards)]
 
 
+def middle_frames(images: torch.Tensor) -> torch.Tensor:
+    """What grids and evaluation images show of a video model's samples: a batch of videos ``[N, F, 3, H, W]`` ->
+    their middle frames ``[N, 3, H, W]`` (frame ``F // 2``, a copy: the videos' memory is not held); a batch of
+    images ``[N, 3, H, W]`` unchanged."""
+    return images[:, images.shape[1] // 2].clone() if images.ndim == 5 else images
+
+
 def to_pil(image: torch.Tensor):
-    """``[3, H, W]`` in [0, 1] -> a PIL RGB image."""
+    """``[3, H, W]`` in [0, 1] -> a PIL RGB image (a video ``[F, 3, H, W]``: its middle frame)."""
     from PIL import Image
 
+    image = image[image.shape[0] // 2] if image.ndim == 4 else image
     return Image.fromarray((image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy())
 
 
 def sample_to_dir(model: Optional[str], prompts: List[str], num_per_prompt: int, seed: int, out: str,
                   lora: Optional[str] = None, num_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                   batch_size: int = 32, device: Optional[str] = None, rlg: Optional[float] = None,
-                  dtype: Optional[str] = None, **model_kwargs) -> str:
+                  dtype: Optional[str] = None, conditioning: Optional[Sequence[Optional[dict]]] = None,
+                  **model_kwargs) -> str:
     """Generate ``num_per_prompt`` ODE samples per prompt; image i uses seed ``seed + i`` (reproducible
     one by one). ``rlg``: alignment strength w (needs ``lora``; 0 = base, 1 = the LoRA). ``model`` None: the
     LoRA's base model; ``dtype``, ``model_kwargs`` (``height``, ``width``, ...): see
-    :func:`load_policy_with_loras`. Writes PNGs and ``manifest.jsonl`` lines ``{"file", "prompt", "seed"}``."""
+    :func:`load_policy_with_loras`. ``conditioning``: one per-prompt conditioning dict (or None) per prompt (a
+    ``.jsonl`` record's ``"conditioning"``). Writes PNGs and ``manifest.jsonl`` lines ``{"file", "prompt", "seed"}``."""
     if rlg is not None and not lora:
         raise ValueError("--rlg needs --lora: RLG mixes the base model with a fine-tuned LoRA")
     policy, names = load_policy_with_loras(model, [lora] if lora else [], guidance_scale, device, dtype=dtype,
@@ -296,7 +314,8 @@ def sample_to_dir(model: Optional[str], prompts: List[str], num_per_prompt: int,
     os.makedirs(out, exist_ok=True)
     with use_variant(policy, variant) as sampler, open(os.path.join(out, "manifest.jsonl"), "w") as manifest:
         i = 0
-        for batch in iter_samples(sampler, job_prompts, seeds, num_steps, batch_size):
+        rows = None if conditioning is None else [c for c in conditioning for _ in range(num_per_prompt)]
+        for batch in iter_samples(sampler, job_prompts, seeds, num_steps, batch_size, conditioning=rows):
             for img in batch:
                 name = f"{i:05d}.png"
                 to_pil(img).save(os.path.join(out, name))

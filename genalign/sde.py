@@ -47,6 +47,8 @@ class StepOutput:
     log_prob: torch.Tensor
     mean: torch.Tensor
     std: torch.Tensor
+    model_output: Optional[torch.Tensor] = None
+    """The denoiser output the step was computed from (set by :func:`genalign.rollout.recompute_step`)."""
 
 
 def _per_sample(value: Number, like: torch.Tensor, name: str) -> torch.Tensor:

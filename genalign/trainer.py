@@ -37,10 +37,12 @@ from .methods import EpochPlan, mix_seed as _seed
 from .objectives import EpochBatch, TrainContext, build_objective
 from .optim import NonFiniteError, OptimizerStep, build_optimizer, save_state_hooks
 from .plugins import load_policy
+from .policy import check_prompt_conditioning, encode_prompts
 from .prompts import KRepeatSampler, read_prompt_records
 from .reward_api import RewardError, RewardSet, TrainableReward, discriminator_round
 from .rollout import Trajectory, rollout
 from .run import RunDir, check_output_dir, check_trackers, clear_run, new_run_id, shown_indices
+from .datasets import ImageDataset, pair_rewards
 from .evaluator import Evaluator
 from .sampling import image_seed, sample_images
 
@@ -83,6 +85,8 @@ class Trainer:
         # data and reward first: cheap to fail early on bad input
         records = read_prompt_records(cfg.prompts_file)
         self.prompts, self.prompt_metadata = [r["prompt"] for r in records], [r["metadata"] for r in records]
+        # per-prompt conditioning passed to the model (negative prompt, condition images); None: nothing
+        self.prompt_conditioning = [r.get("conditioning") for r in records]
         eval_records = read_prompt_records(cfg.eval_prompts_file) if cfg.eval_prompts_file else []
         self.eval_prompts = [r["prompt"] for r in eval_records]
         if self.eval_prompts and len(self.eval_prompts) * cfg.eval.num_per_prompt < self.world:
@@ -104,18 +108,32 @@ class Trainer:
                                   guidance_scale=cfg.model.guidance_scale,
                                   **cfg.model.policy_kwargs())
         self.denoiser = self.policy.denoiser()
+        for key, recs in (("prompts_file", records), ("eval_prompts_file", eval_records)):
+            try:  # before any sampling: the adapter takes (CFG on, condition images accepted) what the records give
+                check_prompt_conditioning(self.policy, [r["prompt"] for r in recs],
+                                          [r.get("conditioning") for r in recs])
+            except ValueError as exc:
+                raise ConfigError(f"{key} {getattr(cfg, key)!r}: {exc}") from exc
         if cfg.model.decode_batch_size and hasattr(self.policy, "decode_batch_size"):
             self.policy.decode_batch_size = cfg.model.decode_batch_size
         if cfg.model.xformers and hasattr(self.policy, "enable_xformers"):
             self.policy.enable_xformers()  # no-op without xformers or off CUDA
+        if (cfg.eval.height or cfg.eval.width) and not hasattr(self.policy, "resolution"):
+            raise ConfigError(f"eval.height / eval.width: the {type(self.policy).__name__} adapter samples at one fixed "
+                              f"resolution (remove them)")
         self._setup_trainable()
+        self.dataset = None  # data-driven methods (sft, offline diffusion_dpo): encoded once, before training
+        if cfg.data.train_file:
+            self.dataset = ImageDataset(cfg.data.train_file, cfg.method_spec().data_kind, self.policy,
+                                        cfg.sampling.batch_size, log=print if self.is_main else None)
         if self.reward_fn.group_level and self.world > 1:
             raise ConfigError(f"reward {self.reward_fn.names} has a group-level component, which needs every prompt "
                               f"group's images in one call; groups span processes, so run it on 1 process")
         self.ctx = TrainContext(cfg, self.policy, self.acc, self.optim, self.reward_fn, self.frozen_reference)
         self.evaluator = (Evaluator(self.eval_prompts, cfg.eval.num_per_prompt, cfg.eval.seed,
                                     cfg.eval.num_steps or cfg.sampling.num_steps, cfg.sampling.batch_size,
-                                    self.reward_fn, self.acc, metadata=[r["metadata"] for r in eval_records])
+                                    self.reward_fn, self.acc, metadata=[r["metadata"] for r in eval_records],
+                                    conditioning=[r.get("conditioning") for r in eval_records])
                           if self.eval_prompts else None)
         self.objective = build_objective(objective_name(cfg), self.ctx)
         self.sampler = KRepeatSampler(len(self.prompts), cfg.sampling.groups_per_epoch, cfg.sampling.group_size,
@@ -156,9 +174,12 @@ class Trainer:
             targets = cfg.lora.target_modules or self.policy.lora_target_modules
             add_lora(self.denoiser, cfg.lora.rank, cfg.lora.alpha, targets)
         else:
-            needs_reference = t.kl_beta > 0 or objective_name(cfg) == "dragon"
+            needs_reference = (t.kl_beta > 0 or objective_name(cfg) in ("dragon", "dgpo")
+                               or (objective_name(cfg) == "sft" and cfg.sft.sample_from == "reference"))
             if needs_reference and t.reference_copy:
                 self.frozen_reference = copy.deepcopy(self.denoiser).eval()
+                if t.reference_device:  # e.g. 'cpu': the copy does not occupy accelerator memory
+                    self.frozen_reference.to(t.reference_device)
             elif needs_reference:
                 raise ConfigError("train.kl_beta > 0 or method dragon with full fine-tuning needs a reference: set "
                                   "train.reference_copy=true (keeps a frozen copy) or lora.enabled=true")
@@ -216,21 +237,27 @@ class Trainer:
         for epoch in range(self.epoch, cfg.num_epochs):
             t_start = time.time()
             extra = self.train_discriminator(epoch) if self.adversary is not None else {}
-            plan = self.plan(epoch)
-            with self.objective.sampling_context():  # the weights that sample (DiffusionNFT: the old policy)
-                if cfg.train.dynamic_sampling:
-                    batch, dyn = self.dynamic_sample_epoch(epoch, plan)
-                    extra.update(dyn)
-                else:
-                    batch = EpochBatch(*self.sample_epoch(epoch, plan), plan=plan)
+            if self.dataset is not None:
+                batch = self.dataset_epoch(epoch)
+            else:
+                plan = self.plan(epoch)
+                with self.objective.sampling_context():  # the weights that sample (DiffusionNFT: the old policy)
+                    if cfg.train.dynamic_sampling:
+                        batch, dyn = self.dynamic_sample_epoch(epoch, plan)
+                        extra.update(dyn)
+                    else:
+                        batch = EpochBatch(*self.sample_epoch(epoch, plan), plan=plan)
             t_sampled = time.time()
-            stats = self.optimise(epoch, batch) if len(batch.rewards) else {}
+            stats = self.optimise(epoch, batch) if len(batch.group_ids) else {}
             self.objective.after_epoch(self.global_step)
             t_trained = time.time()
-            n_sampled = cfg.samples_per_epoch * int(extra.get("dynamic/rounds", 1))
+            if self.dataset is not None:  # data records (pairs: two images each) instead of samples
+                n_sampled = len(batch.group_ids)
+            else:
+                n_sampled = cfg.samples_per_epoch * int(extra.get("dynamic/rounds", 1))
+                self.model_calls += batch.plan.model_calls  # sampling forwards (TempFlow: T per main + T - j per branch)
             self.epoch, self.samples_seen = epoch + 1, self.samples_seen + n_sampled
-            self.model_calls += batch.plan.model_calls  # sampling forwards (TempFlow: T per main + T - j per branch)
-            rewards = batch.rewards
+            rewards = batch.rewards if self.dataset is None else torch.zeros(0)
             row = {"epoch": self.epoch, "global_step": self.global_step, "samples_seen": self.samples_seen,
                    "model_calls": self.model_calls,
                    **({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item()} if len(rewards) else {}),
@@ -311,11 +338,12 @@ class Trainer:
 
         def sample(k: int):  # the one sampling service, per-image seeds (identical on every process)
             g = torch.Generator().manual_seed(_seed(self.cfg.seed, epoch, k, 13))
-            prompts = [self.prompts[i] for i in torch.randint(len(self.prompts), (a.num_samples,), generator=g)]
+            chosen = torch.randint(len(self.prompts), (a.num_samples,), generator=g).tolist()
+            prompts = [self.prompts[i] for i in chosen]
             base = _seed(self.cfg.seed, epoch, k, 17)
             images = sample_images(self.policy, prompts, [image_seed(base, i) for i in range(len(prompts))],
                                    s.num_steps, s.batch_size, noise_level=s.noise_level, step_kind=s.step_kind,
-                                   autocast=self.autocast)
+                                   autocast=self.autocast, conditioning=[self.prompt_conditioning[i] for i in chosen])
             return images, prompts
 
         return discriminator_round(self.adversary, sample, a.steps, a.rule, _seed(self.cfg.seed, epoch, 19))
@@ -332,6 +360,7 @@ class Trainer:
         draw = epoch if draw is None else draw
         prompt_idx, group_ids, local = self.sampler.epoch(draw)
         prompts = [self.prompts[prompt_idx[i]] for i in local]
+        conditioning = [self.prompt_conditioning[prompt_idx[i]] for i in local]  # a group's rows repeat its prompt's
         mine = (plan or self.plan(epoch)).select(torch.tensor(local))
         trajs, futures, branches = [], [], None
         grouped = self.reward_fn.group_level  # group-level rewards score the whole epoch at once (whole groups)
@@ -340,7 +369,8 @@ class Trainer:
         if mine.branch_step is not None:  # TempFlow: all local branches at once (each main ODE runs once)
             gen = torch.Generator(self.device).manual_seed(_seed(cfg.seed, draw, self.rank))
             with self.autocast():
-                branches = methods.branch_rollout(self.policy, self.policy.encode(prompts), prompts, mine,
+                branches = methods.branch_rollout(self.policy, encode_prompts(self.policy, prompts, conditioning),
+                                                  prompts, mine,
                                                   _seed(cfg.seed, draw), s.step_kind, s.batch_size, generator=gen,
                                                   reduction=s.log_prob_reduction)
         batches = range(0, len(prompts), s.batch_size)
@@ -351,7 +381,8 @@ class Trainer:
                 if branches is not None:
                     traj = branches.select(slice(start, start + s.batch_size))
                 else:
-                    traj = rollout(self.policy, self.policy.encode(batch_prompts), batch_prompts, s.num_steps,
+                    cond = encode_prompts(self.policy, batch_prompts, conditioning[start:start + s.batch_size])
+                    traj = rollout(self.policy, cond, batch_prompts, s.num_steps,
                                    mine.levels[start:start + s.batch_size], s.step_kind, generator=gen,
                                    reduction=s.log_prob_reduction)
                 images = self.policy.decode(traj.final)
@@ -371,6 +402,21 @@ class Trainer:
         rewards_all = self.acc.gather(rewards.to(self.device)).cpu()
         parts_all = {k: self.acc.gather(v.to(self.device)).cpu() for k, v in parts.items()}
         return Trajectory.cat(trajs), rewards_all, parts_all, group_ids, torch.tensor(local)
+
+    def dataset_epoch(self, epoch: int) -> EpochBatch:
+        """This epoch's records of ``data.train_file`` as an :class:`EpochBatch` (:mod:`genalign.datasets`):
+        demonstrations each their own group, or preference pairs (chosen reward 1, rejected 0, the pair a group)."""
+        cfg = self.cfg
+        records, m = self.dataset.epoch_rows(epoch, cfg.seed, self.world, self.rank, cfg.data.samples_per_epoch)
+        clean = self.dataset.batch(self.policy, records, cfg.sampling.num_steps, cfg.sampling.batch_size)
+        k = self.dataset.per_record
+        n = int(m) * self.world * k  # global rows: every process holds m records of k images
+        local = torch.arange(self.rank * int(m) * k, (self.rank + 1) * int(m) * k)
+        if self.dataset.kind == "pairs":
+            rewards, group_ids = pair_rewards(n // 2)
+        else:
+            rewards, group_ids = torch.zeros(0), torch.arange(n)
+        return EpochBatch(clean, rewards, {}, group_ids, local, plan=None)
 
     def dynamic_sample_epoch(self, epoch: int, plan: EpochPlan):
         """DAPO dynamic sampling: sample rounds of ``groups_per_epoch`` groups (round 0 is the plain epoch,
@@ -460,7 +506,8 @@ class Trainer:
         e = self.cfg.eval
         self.denoiser.eval()
         ctx = self.ema.swapped_in() if (e.use_ema and self.ema_used) else nullcontext()
-        with ctx:
+        size = self.policy.resolution(e.height, e.width) if (e.height or e.width) else nullcontext()
+        with ctx, size:
             result = self.evaluator.score(self.policy, autocast=self.autocast)
         out, images, mine = Evaluator.metrics(result.scores), result.images, result.prompts
         for hook in self.eval_hooks if self.world == 1 else []:

@@ -17,7 +17,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from genalign.policy import Cond, cfg_combine, resolve_device, resolve_pretrained
+from genalign.policy import Cond, cfg_combine, conditioning_rows, resolve_device, resolve_pretrained
 
 EMBED_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
 
@@ -169,17 +169,25 @@ class DiffusersPolicy:
     def from_pretrained(cls, model_id_or_path: str, device=None, dtype: Optional[torch.dtype] = None,
                         guidance_scale: Optional[float] = None, height: Optional[int] = None,
                         width: Optional[int] = None, drop_t5: bool = False, offload_text_encoders: bool = False,
-                        cache_prompt_embeds: bool = False, **kw):
+                        cache_prompt_embeds: bool = False, condition_size=None, **kw):
         """Load a hub id (cache only when ``HF_HUB_OFFLINE=1``) or a ``save_pretrained`` directory.
 
         ``device`` defaults to CUDA when available; ``dtype`` is passed as ``torch_dtype``; other keyword
         arguments go to the diffusers ``from_pretrained``. ``drop_t5`` (SD3: ``model.drop_t5``) does not load
         the T5 encoder; ``offload_text_encoders`` / ``cache_prompt_embeds``: see the class attributes.
         Raises :class:`genalign.policy.ModelNotAvailableError` with a download hint when offline and uncached.
+        ``condition_size`` (``model.condition_size``) is for image-conditioned adapters only (refused here; FLUX.1
+        Kontext handles it).
         """
+        if condition_size is not None:
+            raise ValueError(f"model.condition_size = {condition_size!r}: {cls.__name__} takes no condition images "
+                             f"(the option is for image-conditioned adapters such as flux_kontext)")
         if drop_t5:
             for name, value in cls._drop_t5_components().items():
                 kw.setdefault(name, value)
+        # options the adapter's constructor takes (Flux's true_cfg_scale, ...) go to it, the rest to diffusers
+        own = cls._init_options()
+        adapter_kw = {k: kw.pop(k) for k in list(kw) if k in own}
         path = resolve_pretrained(model_id_or_path)
         if dtype is not None:
             kw["torch_dtype"] = dtype
@@ -188,8 +196,36 @@ class DiffusersPolicy:
         # (e.g. DDPMPolicy) still leave the text encoders on the CPU when moving the pipeline to the device
         policy = cls.__new__(cls)
         policy.offload_text_encoders, policy.cache_prompt_embeds = bool(offload_text_encoders), bool(cache_prompt_embeds)
-        policy.__init__(pipe, guidance_scale=guidance_scale, device=resolve_device(device), height=height, width=width)
+        policy.__init__(pipe, guidance_scale=guidance_scale, device=resolve_device(device), height=height, width=width,
+                        **adapter_kw)
         return policy
+
+    @classmethod
+    def _init_options(cls) -> Tuple[str, ...]:
+        """Keyword options of the adapter's constructor beyond the ones every adapter takes."""
+        import inspect
+
+        common = {"self", "pipe", "guidance_scale", "device", "dtype", "height", "width", "offload_text_encoders",
+                  "cache_prompt_embeds"}
+        params = inspect.signature(cls.__init__).parameters.values()
+        return tuple(p.name for p in params if p.name not in common and p.kind in (p.KEYWORD_ONLY,
+                                                                                  p.POSITIONAL_OR_KEYWORD))
+
+    @contextlib.contextmanager
+    def resolution(self, height: Optional[int] = None, width: Optional[int] = None) -> Iterator[None]:
+        """Sample at ``height x width`` pixels for the duration (None keeps the current value; evaluation at another
+        resolution than training, ``eval.height`` / ``eval.width``); checked like the constructor's sizes."""
+        old = (self.height, self.width)
+        new = (int(height or self.height), int(width or self.width))
+        multiple = self.vae_scale_factor * self.resolution_multiple_extra
+        if new[0] % multiple or new[1] % multiple:
+            raise ValueError(f"eval.height and eval.width must be multiples of {multiple} for {type(self).__name__}, "
+                             f"got {new[0]}x{new[1]}")
+        self.height, self.width = new
+        try:
+            yield
+        finally:
+            self.height, self.width = old
 
     # ---------------------------------------------------------------- basic properties
     def denoiser(self) -> torch.nn.Module:
@@ -223,6 +259,13 @@ class DiffusersPolicy:
 
     # ---------------------------------------------------------------- conditioning
     cond_keys: Tuple[str, ...] = EMBED_KEYS
+    accepts_condition_images: bool = False
+    """Whether :meth:`encode` takes per-prompt condition images (``conditioning[i]["images"]``, a prompt set's
+    ``image`` field): image-conditioned adapters (FLUX.1 Kontext) set it; the others refuse condition images."""
+    max_condition_images: int = 0
+    """Condition images one prompt may have (when :attr:`accepts_condition_images`)."""
+    cfg_scale_name: str = "guidance_scale"
+    """The option that sets :attr:`cfg_scale` (named in errors)."""
 
     @property
     def cfg_scale(self) -> float:
@@ -326,15 +369,79 @@ class DiffusersPolicy:
                 cache[prompt] = {k: out[k][i:i + 1].detach().to("cpu") for k in keys}
         return {k: torch.cat([cache[p][k] for p in prompts]).to(self.device) for k in cache[prompts[0]]}
 
+    def check_conditioning(self, prompts: List[str], conditioning: Optional[List[Optional[dict]]]) -> List[dict]:
+        """Per-prompt conditioning (see :meth:`encode`) checked for this adapter: one dict per prompt (``{}`` =
+        nothing). A ``negative_prompt`` needs CFG on (else it would be silently ignored); condition images need
+        :attr:`accepts_condition_images` and at most :attr:`max_condition_images` per prompt. Errors name the
+        adapter and the prompt index."""
+        name = type(self).__name__
+        rows = conditioning_rows(prompts, conditioning, name)
+        for i, row in enumerate(rows):
+            where = f"prompt {i} ({prompts[i]!r})"
+            if row.get("negative_prompt") and not self.uses_cfg:
+                raise ValueError(f"{name}: {where} has negative_prompt {row['negative_prompt']!r}, but classifier-free "
+                                 f"guidance is off ({self.cfg_scale_name} = {self.cfg_scale:g} <= 1), so the negative "
+                                 f"prompt would be ignored; set {self.cfg_scale_name} > 1 or remove it")
+            images = row.get("images") or []
+            if images and not self.accepts_condition_images:
+                raise ValueError(f"{name} does not take condition images, but {where} has {len(images)} "
+                                 f"({images[0]!r}); use an image-conditioned adapter (e.g. flux_kontext: FLUX.1 "
+                                 f"Kontext) or remove the image from the prompt set")
+            if len(images) > self.max_condition_images:
+                raise ValueError(f"{name} takes at most {self.max_condition_images} condition image(s) per prompt, "
+                                 f"but {where} has {len(images)}")
+        return rows
+
+    def _negative_prompt_embeds(self, embeds: Dict[str, torch.Tensor], rows: List[dict],
+                                batch: int) -> Dict[str, torch.Tensor]:
+        """``embeds`` with the ``negative_*`` rows of prompts that have a ``negative_prompt`` replaced by that
+        text's embeddings, encoded like the prompts themselves (:meth:`_positive_embeds`, the same ``_encode``
+        path and cache); the other rows keep the cached empty-prompt negative (repeated to ``batch``)."""
+        negatives = {i: row["negative_prompt"] for i, row in enumerate(rows) if row.get("negative_prompt")}
+        if not negatives:
+            return embeds
+        texts = list(dict.fromkeys(negatives.values()))
+        encoded = self._positive_embeds(texts)
+        out = dict(embeds)
+        for key, value in embeds.items():
+            if not key.startswith("negative_"):
+                continue
+            source = encoded.get(key[len("negative_"):])
+            if source is None:
+                raise ValueError(f"{type(self).__name__}: encoding the negative prompts gave no {key[9:]!r}")
+            full = value.to(self.device).expand(batch, *value.shape[1:]).clone()
+            if tuple(source.shape[1:]) != tuple(full.shape[1:]):
+                raise ValueError(f"{type(self).__name__}: {key} of the negative prompts has shape "
+                                 f"{tuple(source.shape)}, the default negative {tuple(value.shape)}")
+            rows_index = torch.tensor(list(negatives), device=self.device)
+            picks = torch.tensor([texts.index(t) for t in negatives.values()], device=source.device)
+            full[rows_index] = source[picks].to(full.device, full.dtype)
+            out[key] = full
+        return out
+
+    def _condition_image_cond(self, prompts: List[str], rows: List[dict]) -> Cond:
+        """Conditioning tensors of the prompts' condition images (image-conditioned adapters override it)."""
+        return {}
+
     @torch.no_grad()
-    def encode(self, prompts: List[str]) -> Cond:
-        """Encode prompts -> batch-first conditioning (with the empty negative prompt when CFG is on)."""
+    def encode(self, prompts: List[str], conditioning: Optional[List[Optional[dict]]] = None) -> Cond:
+        """Encode prompts -> batch-first conditioning (with the empty negative prompt when CFG is on).
+
+        conditioning: None or one dict per prompt (a prompt record's ``"conditioning"``, see
+        :func:`genalign.prompts.read_prompt_records`): ``negative_prompt`` replaces the empty negative of that
+        row (CFG must be on); ``images`` are condition images (only adapters with
+        :attr:`accepts_condition_images`). Checked by :meth:`check_conditioning`."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        embeds = self._positive_embeds(list(prompts))
+        prompts = list(prompts)
+        rows = self.check_conditioning(prompts, conditioning)
+        embeds = self._positive_embeds(prompts)
         if self.uses_cfg:
             embeds.update(self._negative_embeds())  # batch 1, repeated to the batch by cond_from_embeds
-        return self.cond_from_embeds(**embeds)
+            embeds = self._negative_prompt_embeds(embeds, rows, len(prompts))
+        cond = self.cond_from_embeds(**embeds)
+        cond.update(self._condition_image_cond(prompts, rows))
+        return cond
 
     # ---------------------------------------------------------------- noise / forward
     def initial_latents(self, batch_size: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -386,8 +493,14 @@ class DiffusersPolicy:
             x, t = torch.cat([x, x]), torch.cat([t, t])
         out = self._forward(x, t, self._model_embeds(cond, dtype)).to(torch.float32)
         if self.uses_cfg:
-            out = cfg_combine(out, self.cfg_scale)
+            out = self._guide(out, t[:batch])
         return self._postprocess(out, latents, t[:batch])
+
+    def _guide(self, output: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Classifier-free guidance: the float32 ``[negative; positive]`` output ``[2B, ...]`` -> ``[B, ...]``
+        (:func:`genalign.policy.cfg_combine` at :attr:`cfg_scale`; adapters whose pipelines guide differently
+        override it). ``timesteps [B]``: the model timesteps of the batch."""
+        return cfg_combine(output, self.cfg_scale)
 
     _embeds_cache: Optional[tuple] = None  # (key, embeddings, sources)
 
@@ -434,6 +547,25 @@ class DiffusersPolicy:
         """Rollout latents -> unpacked VAE-space latents ``[B, C, h, w]`` (identity unless packed)."""
         return latents
 
+    def _from_vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`_vae_latents`: VAE-space latents ``[B, C, h, w]`` -> rollout latents."""
+        return latents
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] at the policy's resolution -> latents ``[B, *latent_shape]`` float32: the
+        mode of the VAE's latent distribution, shifted and scaled as :meth:`decode` undoes (data-set training,
+        :mod:`genalign.datasets`)."""
+        if tuple(images.shape[1:]) != (3, self.height, self.width):
+            raise ValueError(f"{type(self).__name__}.encode_images expects [B, 3, {self.height}, {self.width}] images, "
+                             f"got {tuple(images.shape)}")
+        vae = self.pipe.vae
+        z = vae.encode((images * 2 - 1).to(self.device, vae.dtype)).latent_dist.mode().float()
+        shift = vae.config.get("shift_factor", None)
+        if shift is not None:
+            z = z - shift
+        return self._from_vae_latents(z * vae.config.scaling_factor)
+
     def decode(self, latents: torch.Tensor, batch_size: Optional[int] = None) -> torch.Tensor:
         """Latents ``[B, *latent_shape]`` -> images ``[B, 3, H, W]`` float32 in [0, 1].
 
@@ -453,3 +585,41 @@ class DiffusersPolicy:
         image = vae.decode(z.to(self.device, vae.dtype), return_dict=False)[0]
         return (image.to(torch.float32) / 2 + 0.5).clamp(0, 1)
 
+
+class PackedLatents:
+    """Mixin of the adapters whose rollout latents are packed 2x2 patches ``[B, (h/2)*(w/2), 4C]`` (FLUX.1,
+    Qwen-Image) and whose classifier-free guidance is the optional true CFG ``true_cfg_scale``: noise is drawn
+    unpacked ``[B, C, h, w]`` as the pipelines draw it, then packed. Subclasses set ``pack`` / ``unpack``
+    (static functions ``latents -> packed`` and ``(packed, h, w) -> latents``)."""
+
+    pack = None
+    unpack = None
+
+    @property
+    def cfg_scale(self) -> float:
+        return self.true_cfg_scale
+
+    @property
+    def latent_channels(self) -> int:
+        """VAE latent channels: the transformer's packed input channels / 4."""
+        return int(self.denoiser().config.in_channels) // 4
+
+    @property
+    def latent_shape(self) -> Tuple[int, int]:
+        """Packed ``((h/2)*(w/2), 4C)``."""
+        h, w = self.latent_size
+        return ((h // 2) * (w // 2), 4 * self.latent_channels)
+
+    def initial_latents(self, batch_size: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Noise drawn unpacked ``[B, C, h, w]`` (as the pipeline does) and packed -> ``[B, N, 4C]`` float32."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        noise = randn_tensor((batch_size, self.latent_channels, *self.latent_size), generator=generator,
+                             device=self.device, dtype=torch.float32)
+        return type(self).pack(noise)
+
+    def _vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return type(self).unpack(latents, *self.latent_size)
+
+    def _from_vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return type(self).pack(latents)

@@ -39,7 +39,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from genalign.policy import Cond, ModelNotAvailableError, cfg_combine, resolve_device
+from genalign.policy import Cond, ModelNotAvailableError, cfg_combine, refuse_conditioning, resolve_device
 
 PAD = "<pad>"
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -267,8 +267,17 @@ class DigitsPolicy:
     def denoiser(self) -> nn.Module:
         return self.transformer
 
+    def check_conditioning(self, prompts: List[str], conditioning: Optional[List[Optional[dict]]]) -> List[dict]:
+        """Per-prompt ``conditioning`` (negative prompts, condition images) is refused unless empty: the digits
+        model learned only its empty negative and has no image input."""
+        refuse_conditioning(type(self).__name__, list(prompts), conditioning,
+                            "the digits model takes no per-prompt negative prompts or condition images")
+        return [{} for _ in prompts]
+
     @torch.no_grad()
-    def encode(self, prompts: List[str]) -> Cond:
+    def encode(self, prompts: List[str], conditioning: Optional[List[Optional[dict]]] = None) -> Cond:
+        """Prompt embeddings (and the empty prompt's when CFG is on); see :meth:`check_conditioning`."""
+        self.check_conditioning(list(prompts), conditioning)
         seq, pooled = self.prompt_encoder.encode(list(prompts))
         cond = {"prompt_embeds": seq.float(), "pooled_prompt_embeds": pooled.float()}
         if self.uses_cfg:
@@ -329,6 +338,11 @@ class DigitsPolicy:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Pixels in ``[-1, 1]`` -> RGB images ``[B, 3, 8, 8]`` in ``[0, 1]`` (grey, clamped)."""
         return ((latents.float() + 1) / 2).clamp(0, 1).expand(-1, 3, -1, -1).contiguous()
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`decode`: RGB images ``[B, 3, 8, 8]`` in ``[0, 1]`` -> pixels in ``[-1, 1]``
+        (the channel mean)."""
+        return (images.float().mean(1, keepdim=True) * 2 - 1).to(self.device)
 
 
 def load_digits_policy(path_or_name: Optional[str] = DEFAULT_NAME, **kwargs) -> DigitsPolicy:

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ._base import DiffusersPolicy, flow_schedule
+from ._base import DiffusersPolicy, PackedLatents, flow_schedule
 from .sd3 import SD3_LORA_TARGETS
 
 FLUX_LORA_TARGETS = SD3_LORA_TARGETS + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
@@ -41,7 +41,7 @@ def unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tenso
     return FluxPipeline._unpack_latents(packed, height, width, 1)
 
 
-class FluxPolicy(DiffusersPolicy):
+class FluxPolicy(PackedLatents, DiffusersPolicy):
     """Adapter for ``FluxPipeline`` (kind ``"flow"``).
 
     Conditioning keys: ``prompt_embeds [B, L, D]`` (T5) and ``pooled_prompt_embeds [B, P]`` (CLIP);
@@ -56,6 +56,9 @@ class FluxPolicy(DiffusersPolicy):
     pipeline_classes = ("FluxPipeline",)
     resolution_multiple_extra = 2
     max_sequence_length = 512
+    cfg_scale_name = "true_cfg_scale"
+    pack = staticmethod(pack_latents)
+    unpack = staticmethod(unpack_latents)
 
     def __init__(self, pipe, guidance_scale: Optional[float] = None, device=None, dtype: Optional[torch.dtype] = None,
                  height: Optional[int] = None, width: Optional[int] = None, true_cfg_scale: float = 1.0, **options):
@@ -64,31 +67,6 @@ class FluxPolicy(DiffusersPolicy):
         self.true_cfg_scale = float(true_cfg_scale)
         super().__init__(pipe, guidance_scale=guidance_scale, device=device, dtype=dtype, height=height, width=width,
                          **options)
-
-    @property
-    def cfg_scale(self) -> float:
-        return self.true_cfg_scale
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.denoiser().config.in_channels) // 4
-
-    @property
-    def latent_shape(self) -> Tuple[int, int]:
-        """Packed ``((h/2)*(w/2), 4C)``."""
-        h, w = self.latent_size
-        return ((h // 2) * (w // 2), 4 * self.latent_channels)
-
-    def initial_latents(self, batch_size: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Noise drawn unpacked ``[B, C, h, w]`` (as the pipeline does) and packed -> ``[B, N, 4C]`` float32."""
-        from diffusers.utils.torch_utils import randn_tensor
-
-        noise = randn_tensor((batch_size, self.latent_channels, *self.latent_size), generator=generator,
-                             device=self.device, dtype=torch.float32)
-        return pack_latents(noise)
-
-    def _vae_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return unpack_latents(latents, *self.latent_size)
 
     def _encode(self, prompts: List[str], negative: bool = True) -> Dict[str, Optional[torch.Tensor]]:
         self._require_text_encoders("text_encoder", "text_encoder_2")

@@ -27,7 +27,7 @@ import torch
 from genalign import losses
 from genalign.advantages import compute_advantages, zero_variance_groups
 from genalign.optim import OptimizerStep
-from genalign.policy import resolve_device, resolve_pretrained
+from genalign.policy import refuse_conditioning, resolve_device, resolve_pretrained
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -117,14 +117,18 @@ class CausalLMPolicy:
         generator: Optional[torch.Generator] = None,
         seed: Optional[int] = None,
         temperature: float = 1.0,
+        conditioning: Optional[List[Optional[dict]]] = None,
     ) -> Dict[str, torch.Tensor]:
         """Sample ``num_return_sequences`` responses per prompt -> batch dict (see module docstring).
 
         Returns ``input_ids``, ``attention_mask``, ``response_mask`` and ``group_ids`` (``[B]``, the prompt
         index: samples of one prompt form a GRPO group), with ``B = len(prompts) * num_return_sequences``
         ordered prompt-major. ``temperature = 0`` is greedy. Randomness comes only from ``generator`` (or
-        a fresh one seeded with ``seed``).
+        a fresh one seeded with ``seed``). ``conditioning`` (per-prompt negative prompts / condition images of a
+        prompt set) is refused unless empty: a causal LM has no classifier-free guidance or image input.
         """
+        refuse_conditioning(type(self).__name__, list(prompts), conditioning,
+                            "a causal language model takes no negative prompts or condition images")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if generator is None:

@@ -15,7 +15,9 @@ from genalign.prompts import KRepeatSampler, read_prompts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
-ALL = ["adv_grpo", "diffusion_nft", "dragon", "flow_grpo", "flow_grpo_fast", "grpo_guard", "mixgrpo", "tempflow_grpo"]
+ALL = ["adv_grpo", "awm", "dgpo", "diffusion_dpo", "diffusion_nft", "dragon", "flow_grpo", "flow_grpo_fast", "grpo_guard",
+       "mixgrpo", "sft", "tempflow_grpo"]
+FORWARD_PROCESS = {"awm", "dgpo", "diffusion_dpo", "diffusion_nft", "sft"}  # clean samples, any sampler
 ADV = ["reward=adversarial", "reward_options.adversarial.references=runs/digits_references"]
 FULL_SDE = {"flow_grpo", "grpo_guard", "dragon", "adv_grpo"}
 
@@ -49,7 +51,7 @@ def check_plan(cfg: Config, epoch: int, world: int = 2) -> methods.EpochPlan:
     assert plan.train_steps.shape[1] >= 1 and plan.train_steps.dtype == torch.long and plan.model_calls > 0
     for other in plans[1:]:
         assert torch.equal(other.levels, plan.levels) and torch.equal(other.train_steps, plan.train_steps)
-    if cfg.method_spec().objective == "nft":  # forward-process training: any sampler, the first levels trained
+    if cfg.method in FORWARD_PROCESS:  # forward-process training: any sampler, the first levels trained
         assert torch.equal(plan.levels, base_levels(cfg).expand(N, T))
         assert (plan.train_steps == methods.nft_steps(cfg)).all()
         return plan
@@ -71,7 +73,8 @@ def test_every_method_validates_and_plans_on_the_digits_config(name):
     cfg.validate()
     spec = cfg.method_spec()
     assert isinstance(spec, MethodSpec) and dataclasses.is_dataclass(spec) and spec.name == name == cfg.method
-    assert spec.objective == {"dragon": "dragon", "diffusion_nft": "nft"}.get(name, "policy_gradient")
+    assert spec.objective == {"dragon": "dragon", "diffusion_dpo": "dragon", "diffusion_nft": "nft", "awm": "awm",
+                              "dgpo": "dgpo", "sft": "sft"}.get(name, "policy_gradient")
     for epoch in (0, 1, 7):
         plan = check_plan(cfg, epoch)
     if name == "tempflow_grpo":
@@ -175,7 +178,7 @@ def test_explicit_keys_override_method_defaults():
     (["sampling.window={kind: mixgrpo}"], "sampling.window is an option of method mixgrpo"),
     (["method=grpo_guard", "sampling.branching={seeds: 2, branches: 4, steps: 2}"], "sampling.branching"),
     (["method=tempflow_grpo", "sampling.window={kind: fast}"], "set method: flow_grpo_fast"),
-    (["dragon.loss=kto"], "dragon.loss is set, but dragon.* are the options of method dragon"),
+    (["dragon.loss=kto"], "dragon.loss is set, but dragon.* are the options of method dragon / diffusion_dpo"),
     (["method=adv_grpo", *ADV, "dragon.beta=10"], "dragon.beta"),
     (["adversarial.steps=3"], "adversarial.steps is set, but adversarial.* are the options of method adv_grpo"),
     (["reward=adversarial"], "set method: adv_grpo"),

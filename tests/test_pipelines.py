@@ -200,3 +200,31 @@ def test_chunked_decode_and_cached_cfg_embeddings_change_nothing():
         changed = policy.predict(latents, t, cond)
     assert torch.equal(first, again) and torch.equal(first, fresh) and not torch.equal(first, changed)
     assert policy.enable_xformers() is False  # CPU: PyTorch SDPA stays
+
+
+def test_flux_default_lora_targets_include_the_feed_forward_layers():
+    """Every default target of the Flux adapter gets an adapter, multi-part suffixes (ff.net.0.proj) included."""
+    from genalign.lora import add_lora
+
+    policy = _flux()
+    add_lora(policy.denoiser(), 2, 4.0, policy.lora_target_modules)
+    names = {n for n, _ in policy.denoiser().named_parameters() if "lora_A" in n}
+    for suffix in policy.lora_target_modules:
+        assert any(f".{suffix}.lora_A" in n for n in names), suffix
+    assert any(".ff.net.0.proj.lora_A" in n for n in names)
+
+
+def test_adapter_options_reach_the_adapter_from_the_config(tmp_path):
+    """model.options: keywords of the adapter's constructor go to it (Flux's true_cfg_scale was once handed to
+    diffusers, which dropped it); the others go to diffusers; a key set twice is refused."""
+    from genalign.config import ConfigError, load_config
+
+    path = tm.save_pipeline(tm.tiny_flux(), tmp_path / "flux")
+    cfg = load_config(None, [f"model.id={path}", "model.height=64", "model.width=64",
+                             "model.options={true_cfg_scale: 3.0}"])
+    kwargs = cfg.model.policy_kwargs()
+    assert kwargs == {"height": 64, "width": 64, "true_cfg_scale": 3.0}
+    policy = FluxPolicy.from_pretrained(path, device="cpu", **kwargs)
+    assert policy.true_cfg_scale == 3.0 and policy.uses_cfg
+    with pytest.raises(ConfigError, match="model.options sets \\['height'\\], which model.height already sets"):
+        load_config(None, ["model.height=64", "model.options={height: 32}"]).model.policy_kwargs()

@@ -198,7 +198,8 @@ def test_builtins_are_declared_and_installed_as_entry_points():
     factories = {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")}
     assert {f"genalign.rewards.builtins:{f}" for f in factories} == set(declared[plugins.REWARDS_GROUP].values())
     assert {"digit_correct", "pickscore", "frechet_set", "adversarial", "remote"} <= set(reward_api.available_rewards())
-    assert set(declared[plugins.PIPELINES_GROUP]) == {"digits", "sd3", "flux", "ddpm", "llm"}
+    assert set(declared[plugins.PIPELINES_GROUP]) == {"digits", "sd3", "flux", "ddpm", "llm", "qwen_image", "z_image",
+                                                      "flux2", "wan", "flux_kontext"}
 
 
 @pytest.mark.parametrize("group", ["genalign.rewards", "genalign.pipelines", "genalign.commands"])

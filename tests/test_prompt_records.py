@@ -1,5 +1,6 @@
 """Prompt sets as .jsonl records: metadata reaches every reward call (training and evaluation), bad lines are
-named, per-prompt conditioning the model cannot take yet is refused."""
+named, per-prompt conditioning (negative prompt, condition image) is kept for the model and refused by adapters that
+cannot take it."""
 
 import json
 from pathlib import Path
@@ -32,13 +33,33 @@ def test_jsonl_records_keep_fields_as_metadata(tmp_path):
 @pytest.mark.parametrize("line, match", [
     ("{not json", "line 2: not JSON"),
     ({"text": "a cat"}, "line 2: each line must be an object with a non-empty string \"prompt\""),
-    ({"prompt": "a cat", "negative_prompt": "blurry"}, "line 2: field 'negative_prompt' is not supported yet"),
+    ({"prompt": "a cat", "negative_prompt": ["blurry"]}, "line 2: \"negative_prompt\" must be a string"),
     ({"prompt": "a cat", "metadata": [1]}, "line 2: \"metadata\" must be an object"),
 ])
 def test_bad_jsonl_lines_are_named(tmp_path, line, match):
     path = write(tmp_path / "p.jsonl", [{"prompt": "ok"}, line])
     with pytest.raises(ValueError, match=match):
         read_prompt_records(path)
+
+
+def test_conditioning_fields_are_kept_for_the_model_not_the_rewards(tmp_path):
+    (tmp_path / "cond.png").write_bytes(b"")  # existence is checked at load; the pixels when encoded
+    path = write(tmp_path / "p.jsonl", [{"prompt": "a cat", "negative_prompt": "blurry", "target": 0.2},
+                                        {"prompt": "make it blue", "image": "cond.png"}])
+    image = str(tmp_path / "cond.png")
+    assert read_prompt_records(path) == [
+        {"prompt": "a cat", "metadata": {"target": 0.2}, "conditioning": {"negative_prompt": "blurry"}},
+        {"prompt": "make it blue", "metadata": {"condition_image": image}, "conditioning": {"images": [image]}}]
+
+
+def test_condition_images_are_refused_by_an_adapter_that_cannot_take_them(sd3_dir, tmp_path):  # noqa: F811
+    from genalign.config import ConfigError
+
+    (tmp_path / "cond.png").write_bytes(b"")
+    path = write(tmp_path / "p.jsonl", [{"prompt": "a cat"}, {"prompt": "make it blue", "image": "cond.png"}])
+    with pytest.raises(ConfigError, match=r"prompts_file .*p\.jsonl.*: SD3Policy does not take condition images, but "
+                                          r"prompt 1 \('make it blue'\) has 1"):
+        make_trainer(sd3_dir, tmp_path / "run", path)
 
 
 def test_training_and_evaluation_pass_prompt_metadata_to_the_reward(sd3_dir, tmp_path):  # noqa: F811

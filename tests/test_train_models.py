@@ -94,6 +94,19 @@ def _train_one_epoch(model_dir, out_dir, prompts_file, **extra):
     return trainer, metrics
 
 
+def assert_diffusers_lora_matches(trainer, pipe, **kwargs):
+    """The trained denoiser and plain diffusers' transformer with the exported LoRA loaded give the same output on
+    ``kwargs``; with the LoRA disabled it differs. Returns the diffusers output (the LoRA is disabled after)."""
+    with torch.no_grad():
+        ours = trainer.denoiser(**kwargs)[0]
+        theirs = pipe.transformer(**kwargs)[0]
+        pipe.disable_lora()
+        base = pipe.transformer(**kwargs)[0]
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(base, theirs)
+    return theirs
+
+
 def test_flux_with_guidance_embeds_trains_one_epoch_and_lora_loads_in_diffusers(flux_dir, tmp_path, prompts_file):
     from diffusers import FluxPipeline
 
@@ -116,13 +129,7 @@ def test_flux_with_guidance_embeds_trains_one_epoch_and_lora_loads_in_diffusers(
     kwargs = dict(hidden_states=x, timestep=torch.tensor([0.9, 0.4]), guidance=torch.full((2,), 3.5),
                   pooled_projections=cond["pooled_prompt_embeds"], encoder_hidden_states=cond["prompt_embeds"],
                   txt_ids=txt_ids, img_ids=img_ids, return_dict=False)
-    with torch.no_grad():
-        ours = trainer.denoiser(**kwargs)[0]
-        theirs = pipe.transformer(**kwargs)[0]
-        pipe.disable_lora()
-        base = pipe.transformer(**kwargs)[0]
-    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(base, theirs)
+    theirs = assert_diffusers_lora_matches(trainer, pipe, **kwargs)
 
     # loading without text encoders (embeddings computed elsewhere) works too
     bare = FluxPipeline.from_pretrained(flux_dir, text_encoder=None, tokenizer=None, text_encoder_2=None,

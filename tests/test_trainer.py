@@ -33,7 +33,7 @@ def tiny_overrides(model_dir, out_dir, prompts_file, reward="brightness", **extr
         "model.id": model_dir, "output_dir": str(out_dir), "num_epochs": 1, "seed": 0,
         "sampling.num_steps": 3, "sampling.groups_per_epoch": 2, "sampling.group_size": 4, "sampling.batch_size": 4,
         "train.batch_size": 4, "train.num_minibatches": 1, "train.clip_range": 0.2, "train.lr": 1e-3,
-        "lora.rank": 4, "lora.alpha": 4.0, "prompts_file": prompts_file, "eval_prompts_file": "null",
+        "lora.rank": 4, "lora.alpha": 8.0, "prompts_file": prompts_file, "eval_prompts_file": "null",
         "reward": f"{REWARDS}:{reward}", "model.guidance_scale": 2.0,
     }
     base.update(extra)
@@ -183,3 +183,23 @@ def test_config_docs_cover_every_key():
     assert len(lines) > 40
     assert all(line.split(": ", 1)[1].strip() for line in lines), [l for l in lines if not l.split(": ", 1)[1].strip()]
     assert any(line.startswith("train.clip_range =") for line in lines)
+
+
+def test_evaluation_resolution_is_decoupled_from_training(sd3_dir, tmp_path, prompts_file):
+    """eval.height / eval.width: training rollouts at the model resolution, evaluation images at another."""
+    trainer = make_trainer(sd3_dir, tmp_path / "run", prompts_file, **{
+        "eval_prompts_file": prompts_file, "eval.num_per_prompt": 1, "eval.height": 32, "eval.width": 48,
+        "eval.judge": False})
+    trainer.train()
+    assert tuple(trainer._last_eval_images.shape[-2:]) == (32, 48)
+    assert (trainer.policy.height, trainer.policy.width) == (64, 64)  # restored after evaluating
+    traj, *_ = trainer.sample_epoch(1)
+    assert tuple(trainer.policy.decode(traj.final[:1]).shape[-2:]) == (64, 64)
+    with pytest.raises(ValueError, match="multiples of 16 for SD3Policy, got 40x48"):
+        with trainer.policy.resolution(40, 48):
+            pass
+
+
+def test_digits_refuses_an_evaluation_resolution(tmp_path):
+    with pytest.raises(ConfigError, match="eval.height / eval.width: the DigitsPolicy adapter samples at one fixed"):
+        Trainer(load_config("configs/digits.yaml", [f"output_dir={tmp_path}", "eval.height=16"]))

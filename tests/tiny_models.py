@@ -55,6 +55,26 @@ def tiny_clip_tokenizer(max_length: int = 16):
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_qwen_tokenizer(max_length: int = 512):
+    """Byte-level Qwen2 tokenizer from an in-memory vocabulary (every byte a token, no merges; 259 ids):
+    ``<|endoftext|>`` (256, also the pad token), ``<|im_start|>`` (257), ``<|im_end|>`` (258) and a ChatML chat
+    template, as the Qwen2.5-VL / Qwen3 text encoders of Qwen-Image, Z-Image and FLUX.2 klein expect."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(_bytes_to_unicode())}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|endoftext|>",
+                         pad_token="<|endoftext|>", model_max_length=max_length)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    return tok
+
+
 def tiny_clip_encoder(with_projection: bool = True, vocab_size: int = 514, max_length: int = 16):
     """CLIP text encoder, hidden size 32, 2 layers (with a 32-d projection when ``with_projection``)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection

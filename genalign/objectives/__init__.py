@@ -17,10 +17,13 @@ one module defining such a class (constructed with a :class:`TrainContext`) plus
 
 from __future__ import annotations
 
+from .awm import AWM
 from .base import OBJECTIVES, EpochBatch, TrainContext, register_objective
+from .dgpo import DGPO
 from .dragon import Dragon
 from .nft import DiffusionNFT
 from .policy_gradient import PolicyGradient
+from .sft import SFT
 
 
 def build_objective(name: str, ctx: TrainContext):
@@ -28,5 +31,5 @@ def build_objective(name: str, ctx: TrainContext):
     return OBJECTIVES.get(name)(ctx)
 
 
-__all__ = ["OBJECTIVES", "DiffusionNFT", "Dragon", "EpochBatch", "PolicyGradient", "TrainContext", "build_objective",
-           "register_objective"]
+__all__ = ["AWM", "DGPO", "OBJECTIVES", "SFT", "DiffusionNFT", "Dragon", "EpochBatch", "PolicyGradient", "TrainContext",
+           "build_objective", "register_objective"]

@@ -43,6 +43,17 @@ class ObjectiveBase:
         """Inverse of :meth:`state_dict`."""
 
 
+def require_flow_model(policy, method: str) -> None:
+    """Objectives on the flow-matching loss (``x_t = (1 - s) x0 + s eps``, target ``eps - x0``) need a
+    flow-matching model; a DDPM-family adapter (epsilon / v prediction on another noising path) is refused."""
+    if getattr(policy, "kind", "flow") != "flow":
+        from ..errors import ConfigError
+
+        raise ConfigError(f"method {method} trains on the flow-matching loss, which needs a flow-matching model; "
+                          f"{type(policy).__name__} is a {policy.kind!r}-family model (use a policy-gradient method "
+                          f"such as flow_grpo with sampling.step_kind: ddim)")
+
+
 @dataclass
 class TrainContext:
     """What an objective uses to compute losses: the config, the policy, accelerate, the optimizer step, and the
@@ -100,4 +111,4 @@ class EpochBatch:
     plan: Optional[object] = None
 
 
-__all__ = ["OBJECTIVES", "EpochBatch", "ObjectiveBase", "TrainContext", "register_objective"]
+__all__ = ["OBJECTIVES", "EpochBatch", "ObjectiveBase", "TrainContext", "register_objective", "require_flow_model"]

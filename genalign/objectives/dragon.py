@@ -17,7 +17,7 @@ import torch
 from .. import losses
 from ..dragon import DEFAULT_BETA, _units, denoising_losses, split_labels
 from ..methods import mix_seed
-from .base import EpochBatch, ObjectiveBase, register_objective
+from .base import EpochBatch, ObjectiveBase, register_objective, require_flow_model
 
 
 @dataclass
@@ -35,6 +35,7 @@ class Dragon(ObjectiveBase):
     def __init__(self, ctx):
         self.ctx = self.tr = ctx  # a TrainContext
         self.cfg = ctx.cfg
+        require_flow_model(ctx.policy, getattr(ctx.cfg, "method", "dragon"))
 
     def prepare(self, epoch: int, batch: EpochBatch) -> DragonUnits:
         labels = split_labels(self.tr, batch.rewards, batch.group_ids, batch.traj)

@@ -24,28 +24,14 @@ count of the optimizer step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict
 
 import torch
 
 from ..advantages import configured_advantages
 from ..ema import EMA
-from ..methods import mix_seed
-from .base import EpochBatch, ObjectiveBase, register_objective
-
-
-@dataclass
-class NFTUnits:
-    """This process's trajectories and their units: ``rows [U]`` (local rows), ``steps [U]`` (trained step j)
-    and ``seeds [U]``; ``r [n]`` the optimality weight of each local row."""
-
-    traj: object
-    rows: torch.Tensor
-    steps: torch.Tensor
-    seeds: torch.Tensor
-    r: torch.Tensor
-    r_global: torch.Tensor
+from .base import EpochBatch, register_objective
+from .forward import ForwardProcessObjective, ForwardUnits
 
 
 def optimality(adv: torch.Tensor, clip: float, mode: str = "linear", rewards=None) -> torch.Tensor:
@@ -83,12 +69,13 @@ def nft_loss(v: torch.Tensor, v_old: torch.Tensor, x_t: torch.Tensor, x0: torch.
 
 
 @register_objective("nft")
-class DiffusionNFT(ObjectiveBase):
+class DiffusionNFT(ForwardProcessObjective):
     """DiffusionNFT on the trainer's samples (see the module docstring)."""
 
+    name = "DiffusionNFT"
+
     def __init__(self, ctx):
-        self.ctx = self.tr = ctx
-        self.cfg = ctx.cfg
+        super().__init__(ctx)
         params = [p for p in ctx.policy.denoiser().parameters() if p.requires_grad]
         self.old = EMA(params, 0.0, 1)  # the old (sampling) policy: a copy of the trainable weights
         self.decay = 0.0
@@ -97,79 +84,34 @@ class DiffusionNFT(ObjectiveBase):
     def sampling_context(self):
         return self.old.swapped_in()
 
-    def prepare(self, epoch: int, batch: EpochBatch) -> NFTUnits:
+    def row_weights(self, batch: EpochBatch) -> torch.Tensor:
+        """The optimality weight r of every sample."""
         adv = configured_advantages(self.cfg.train, batch.rewards, batch.group_ids)
-        r_global = optimality(adv, self.cfg.train.advantage_clip, self.cfg.nft.optimality, batch.rewards)
-        local = batch.local
-        keep = (local >= 0).nonzero().flatten()  # padding rows train nothing
-        steps = batch.plan.train_steps[local.clamp_min(0)]
-        k = steps.shape[1]
-        rows = keep.repeat_interleave(k)
-        js = steps[keep].flatten()
-        seeds = torch.tensor([mix_seed(self.cfg.seed, epoch, int(local[i]), int(j), 23) for i, j in zip(rows, js)],
-                             dtype=torch.long)
-        return NFTUnits(batch.traj, rows, js, seeds, r_global[local.clamp_min(0)], r_global)
+        return optimality(adv, self.cfg.train.advantage_clip, self.cfg.nft.optimality, batch.rewards)
 
-    def stats(self, u: NFTUnits) -> Dict[str, float]:
-        return {"nft/r_mean": u.r_global.mean().item(), "nft/r_std": u.r_global.std().item(),
+    def stats(self, u: ForwardUnits) -> Dict[str, float]:
+        return {"nft/r_mean": u.weight_global.mean().item(), "nft/r_std": u.weight_global.std().item(),
                 "nft/old_decay": self.decay}
 
-    def minibatches(self, u: NFTUnits, epoch: int, inner: int) -> List[torch.Tensor]:
-        gen = torch.Generator().manual_seed(mix_seed(self.cfg.seed, epoch, inner, self.tr.rank, 29))
-        return list(torch.tensor_split(torch.randperm(len(u.rows), generator=gen), self.cfg.train.num_minibatches))
-
-    def backwards(self, u: NFTUnits, ids: torch.Tensor):
-        t, dev = self.cfg.train, self.tr.device
-        total = self.tr.acc.reduce(torch.tensor(float(len(ids)), device=dev), "sum").clamp_min(1)
-        fns = [self._backward_fn(u, ids[s:s + t.batch_size], total, 1.0) for s in range(0, len(ids), t.batch_size)]
-        if not fns:  # no unit on this process: a zero-weighted pass keeps the processes' collectives matched
-            fns.append(self._backward_fn(u, torch.zeros(1, dtype=torch.long), total, 0.0))
-        return fns
-
-    def _backward_fn(self, u: NFTUnits, ids: torch.Tensor, total, weight: float):
-        def run(sync: bool) -> Dict[str, torch.Tensor]:
-            loss, st = self.unit_loss(u, ids, total)
-            self.tr.optim.backward(loss * weight if weight != 1.0 else loss, sync)
-            return {k: v * weight for k, v in st.items()}
-        return run
-
-    def unit_loss(self, u: NFTUnits, ids: torch.Tensor, total):
+    def unit_loss(self, u: ForwardUnits, ids: torch.Tensor, total):
         """Loss of units ``ids`` over the global unit count, and its statistics."""
-        tr, dev, t = self.tr, self.tr.device, self.cfg.train
-        rows, js = u.rows[ids], u.steps[ids]
-        sub = u.traj.select(rows).to(dev)
-        x0 = sub.final.float()
-        noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(int(s)))
-                             for s in u.seeds[ids]]).to(dev)
-        r_idx = torch.arange(len(rows), device=dev)
-        j = js.to(dev)
-        sig, timesteps = sub.sigmas[r_idx, j].float(), sub.timesteps[r_idx, j]
-        x_t = (1 - sig.view(-1, *[1] * (x0.ndim - 1))) * x0 + sig.view(-1, *[1] * (x0.ndim - 1)) * noise
+        tr, t = self.tr, self.cfg.train
+        n = self.noised(u, ids)
         with tr.autocast():
             with torch.no_grad(), self.old.swapped_in():
-                v_old = tr.policy.predict(x_t, timesteps, sub.cond).float()
-            v = tr.policy.predict(x_t, timesteps, sub.cond).float()
-            kl = None
-            if t.kl_beta > 0:
-                with torch.no_grad(), tr.reference():
-                    v_ref = tr.policy.predict(x_t, timesteps, sub.cond).float()
-                kl = (v - v_ref).pow(2).flatten(1).mean(1)
-        per = nft_loss(v, v_old, x_t, x0, sig, u.r[rows].to(dev), self.cfg.nft.beta, t.advantage_clip,
-                       self.cfg.nft.adaptive_weight)
+                v_old = self.velocity(n)
+            v = self.velocity(n)
+        per = nft_loss(v, v_old, n.x_t, n.x0, n.s, u.weight[u.rows[ids]].to(tr.device), self.cfg.nft.beta,
+                       t.advantage_clip, self.cfg.nft.adaptive_weight)
         loss = per.sum() / total
-        st = {"loss": loss.detach(), "nft/old_deviation": (v - v_old).detach().pow(2).mean() * len(rows) / total}
-        if kl is not None:
-            loss = loss + t.kl_beta * kl.sum() / total
-            st["kl"] = kl.detach().sum() / total
-        return loss, st
+        st = {"loss": loss.detach(), "nft/old_deviation": (v - v_old).detach().pow(2).mean() * len(ids) / total}
+        with tr.autocast():
+            return self.add_kl(loss, st, v, n, total), st
 
     def after_epoch(self, global_step: int) -> None:
         n = self.cfg.nft
         self.decay = min(max(global_step - n.old_decay_delay, 0) * n.old_decay_rate, n.old_decay_max)
         self.old.blend(self.decay)
-
-    def describe_failure(self) -> str:
-        return "the DiffusionNFT loss (velocity of the policy or of the old policy)"
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return {f"old.{i}": s for i, s in enumerate(self.old.shadow)}
@@ -179,4 +121,4 @@ class DiffusionNFT(ObjectiveBase):
                                   "num_updates": 0})
 
 
-__all__ = ["DiffusionNFT", "NFTUnits", "nft_loss", "optimality"]
+__all__ = ["DiffusionNFT", "nft_loss", "optimality"]

@@ -138,8 +138,11 @@ class PolicyGradient(ObjectiveBase):
             kl = None
             if t.kl_beta > 0:
                 with torch.no_grad(), tr.reference():
-                    ref_mean = recompute_step(tr.policy, sub, j).mean
-                kl = gaussian_kl(step.mean, ref_mean, self._kl_std(sub, j, safe), sub.reduction)[:, None]
+                    ref = recompute_step(tr.policy, sub, j)
+                if t.kl_space == "v":  # velocity space: the denoiser outputs at the same input
+                    kl = (step.model_output - ref.model_output).pow(2).flatten(1).mean(1)[:, None]
+                else:
+                    kl = gaussian_kl(step.mean, ref.mean, self._kl_std(sub, j, safe), sub.reduction)[:, None]
         old, logp = gather_steps(sub.log_probs, j), step.log_prob
         if t.ratio_norm:
             logp = methods.ratio_norm(logp, old, step.mean, gather_steps(sub.means, j), safe, sub.reduction)
@@ -151,13 +154,17 @@ class PolicyGradient(ObjectiveBase):
             weights = gather_steps(methods.step_weight_table(t.step_weighting, sub.sigmas, tr.trainable_steps()), j)
         # per-step backward: every sample trains k steps, so seq_mean_token_mean is 'constant' with normaliser k
         agg = "constant" if t.aggregation == "seq_mean_token_mean" else t.aggregation
+        options = {}
+        if t.surrogate == "dppo_mask":  # DPPO: the step's Gaussian KL from the sampling policy's transition
+            divergence = gaussian_kl(step.mean.detach(), gather_steps(sub.means, j), safe, sub.reduction)
+            options = {"divergence": divergence[:, None], "threshold": t.dppo_threshold}
         loss, st = losses.policy_loss(
             logp[:, None], old[:, None], adv, tokens[:, None], surrogate=t.surrogate, aggregation=agg,
             eps_low=t.clip_range, eps_high=t.clip_range_high, num_tokens=num_tokens, num_seqs=num_seqs,
-            normalizer=k, kl=kl, kl_coef=t.kl_beta, weights=weights)
+            normalizer=k, kl=kl, kl_coef=t.kl_beta, weights=weights, **options)
         log_r = logp.detach() - old
         clipped = losses.get_surrogate(t.surrogate)(log_r[:, None], adv[:, None], log_r[:, None], eps_low=t.clip_range,
-                                                    eps_high=t.clip_range_high).clipped[:, 0]
+                                                    eps_high=t.clip_range_high, **options).clipped[:, 0]
         self.diagnostics.add(j, log_r, adv, tokens, clipped)
         return loss, st
 
