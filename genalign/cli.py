@@ -33,12 +33,13 @@ def _check_config_files(cfg) -> List[str]:
     """Dry-run checks that load nothing: the prompt files are read (``digits:`` / ``prompts:`` assets resolved),
     each reward is a registered name or an existing ``file.py:function`` script (not imported: that would run
     it). Returns the '# ...' summary lines."""
-    from .prompts import read_prompts
+    from .prompts import run_prompt_records
     from .reward_api import available_rewards
 
-    lines = [f"# prompts_file: {len(read_prompts(cfg.prompts_file))} prompts"]
-    if cfg.eval_prompts_file:
-        lines.append(f"# eval_prompts_file: {len(read_prompts(cfg.eval_prompts_file))} prompts")
+    train, held = run_prompt_records(cfg)
+    lines = [f"# prompts_file: {len(train)} prompts" + (" (after eval_split)" if cfg.eval_split else "")]
+    if held:
+        lines.append(f"# {'eval_split' if cfg.eval_split else 'eval_prompts_file'}: {len(held)} prompts")
     names = list(cfg.reward) if isinstance(cfg.reward, dict) else [cfg.reward]
     for name in names:
         if not isinstance(name, str):
@@ -156,7 +157,7 @@ def eval_settings(args) -> dict:
     ``mixed_precision``), else the defaults (the LoRA's base model from its ``base_model.json``, else digits;
     8 per prompt, seed 0, the model's steps, batch 32). ``--reward-options`` replaces the run's
     ``reward_options``; ``--height`` / ``--width`` / ``--dtype`` override ``model.*``."""
-    from .prompts import read_prompt_records
+    from .prompts import read_prompt_records, run_prompt_records
 
     cfg = _run_config(args.config) if args.config else None
 
@@ -169,8 +170,8 @@ def eval_settings(args) -> dict:
         if args.prompts_file:
             records = read_prompt_records(args.prompts_file)
             metadata, conditioning = [r["metadata"] for r in records], [r.get("conditioning") for r in records]
-    elif cfg is not None and cfg.eval_prompts_file:
-        records = read_prompt_records(cfg.eval_prompts_file)
+    elif cfg is not None and (cfg.eval_prompts_file or cfg.eval_split):
+        records = run_prompt_records(cfg)[1]
         prompts, metadata = [r["prompt"] for r in records], [r["metadata"] for r in records]
         conditioning = [r.get("conditioning") for r in records]
     else:

@@ -430,6 +430,9 @@ class Config:
     eval_prompts_file: Optional[str] = "digits:prompts_eval.txt"
     """Evaluation prompts, one per line; None disables evaluation. A model other than digits must not use a
     'digits:' file (refused at validation); 'prompts:NAME' = a shipped prompt set (genalign.assets/prompts)."""
+    eval_split: Optional[float] = None
+    """Train / test split of one prompt set: hold out this fraction of prompts_file's records (drawn by ``seed``, at
+    least one) as the evaluation prompts and train on the rest; eval_prompts_file must then be null."""
     mixed_precision: str = "no"
     """accelerate mixed precision: no, bf16 or fp16 (step math stays float32)."""
     log_with: List[str] = field(default_factory=list)
@@ -466,6 +469,13 @@ class Config:
         _choice("mixed_precision", self.mixed_precision, ["no", "bf16", "fp16"])
         _choice("train.advantage_std", t.advantage_std, ["group", "batch", "none"])
         _choice("train.kl_form", t.kl_form, ["exact", "flow_grpo"])
+        if self.eval_split is not None:
+            if not (isinstance(self.eval_split, float) and 0 < self.eval_split < 1):
+                raise ConfigError(f"eval_split must be a fraction in (0, 1) or null, got {self.eval_split!r}")
+            if self.eval_prompts_file:
+                raise ConfigError(f"eval_split holds out part of prompts_file as the evaluation prompts; "
+                                  f"eval_prompts_file = {self.eval_prompts_file!r} would be a second source: set it "
+                                  f"to null")
         for key in ("height", "width"):
             value = getattr(self.eval, key)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -164,3 +164,24 @@ class KRepeatSampler:
         prompt_idx = chosen[group_ids].tolist()
         local = list(range(self.rank * self.n_local, (self.rank + 1) * self.n_local))
         return prompt_idx, group_ids, local
+
+
+def split_records(records: List[Dict[str, Any]], fraction: float, seed: int):
+    """``(train, eval)`` records: a fraction of ``records`` (at least one, drawn by ``seed``, in file order) held out
+    for evaluation, the rest for training (config ``eval_split``)."""
+    import torch
+
+    n_eval = max(1, round(fraction * len(records)))
+    if n_eval >= len(records):
+        raise ValueError(f"eval_split = {fraction} of {len(records)} prompts leaves none to train on")
+    held = set(torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()[:n_eval])
+    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+
+
+def run_prompt_records(cfg):
+    """The training and evaluation prompt records of a run config: ``prompts_file`` and ``eval_prompts_file``, or
+    ``prompts_file`` split by ``eval_split``."""
+    records = read_prompt_records(cfg.prompts_file)
+    if cfg.eval_split is not None:
+        return split_records(records, cfg.eval_split, cfg.seed)
+    return records, (read_prompt_records(cfg.eval_prompts_file) if cfg.eval_prompts_file else [])

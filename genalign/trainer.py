@@ -38,7 +38,7 @@ from .objectives import EpochBatch, TrainContext, build_objective
 from .optim import NonFiniteError, OptimizerStep, build_optimizer, save_state_hooks
 from .plugins import load_policy
 from .policy import check_prompt_conditioning, encode_prompts
-from .prompts import KRepeatSampler, read_prompt_records
+from .prompts import KRepeatSampler, run_prompt_records
 from .reward_api import RewardError, RewardSet, TrainableReward, discriminator_round
 from .rollout import Trajectory, rollout
 from .run import RunDir, check_output_dir, check_trackers, clear_run, new_run_id, shown_indices
@@ -83,11 +83,10 @@ class Trainer:
         self.is_main = self.acc.is_main_process
 
         # data and reward first: cheap to fail early on bad input
-        records = read_prompt_records(cfg.prompts_file)
+        records, eval_records = run_prompt_records(cfg)
         self.prompts, self.prompt_metadata = [r["prompt"] for r in records], [r["metadata"] for r in records]
         # per-prompt conditioning passed to the model (negative prompt, condition images); None: nothing
         self.prompt_conditioning = [r.get("conditioning") for r in records]
-        eval_records = read_prompt_records(cfg.eval_prompts_file) if cfg.eval_prompts_file else []
         self.eval_prompts = [r["prompt"] for r in eval_records]
         if self.eval_prompts and len(self.eval_prompts) * cfg.eval.num_per_prompt < self.world:
             raise ConfigError(f"{len(self.eval_prompts)} eval prompts x eval.num_per_prompt = {cfg.eval.num_per_prompt} "

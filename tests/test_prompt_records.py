@@ -78,3 +78,28 @@ def test_training_and_evaluation_pass_prompt_metadata_to_the_reward(sd3_dir, tmp
     assert seen and all(t == {"a cat": 0.2, "a dog": 0.8}[q] for prompts, targets in seen
                         for q, t in zip(prompts, targets))
     assert any(len(p) == 4 for p, _ in seen)  # the evaluation's 2 prompts x 2 images
+
+
+def test_eval_split_holds_out_part_of_one_prompt_set(tmp_path):
+    """eval_split: a seeded fraction of prompts_file becomes the evaluation prompts (disjoint from training), the same
+    in the trainer, in `genalign eval --config` and in the dry run."""
+    from genalign.config import ConfigError, load_config
+    from genalign.prompts import read_prompts, run_prompt_records
+    from genalign.trainer import Trainer
+
+    cfg = load_config("configs/digits.yaml", [f"output_dir={tmp_path / 'run'}", "eval_split=0.25",
+                                              "eval_prompts_file=null"])
+    cfg.validate()
+    train, held = run_prompt_records(cfg)
+    everything = read_prompts(cfg.prompts_file)
+    assert len(held) == round(0.25 * len(everything)) and len(train) + len(held) == len(everything)
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+    assert [r["prompt"] for r in held] == [p for p in everything if p in {r["prompt"] for r in held}]  # file order
+    trainer = Trainer(cfg)
+    assert trainer.prompts == [r["prompt"] for r in train] and trainer.eval_prompts == [r["prompt"] for r in held]
+    other = load_config("configs/digits.yaml", ["eval_split=0.25", "eval_prompts_file=null", "seed=1"])
+    assert run_prompt_records(other)[1] != held  # drawn by the seed
+    with pytest.raises(ConfigError, match="eval_prompts_file = 'digits:prompts_eval.txt' would be a second source"):
+        load_config("configs/digits.yaml", ["eval_split=0.25"]).validate()
+    with pytest.raises(ConfigError, match="eval_split must be a fraction in \\(0, 1\\)"):
+        load_config("configs/digits.yaml", ["eval_split=1.5", "eval_prompts_file=null"]).validate()

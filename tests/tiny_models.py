@@ -103,15 +103,17 @@ def tiny_t5_tokenizer(max_length: int = 512):
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
 
 
-def tiny_t5_encoder(vocab_size: int = 4 + 2 * 94, d_model: int = T5_DIM):
-    """T5EncoderModel, d_model 32, 2 layers, 4 heads, no dropout (relative position buckets: any sequence length)."""
-    from transformers import T5Config, T5EncoderModel
+def tiny_t5_encoder(vocab_size: int = 4 + 2 * 94, d_model: int = T5_DIM, umt5: bool = False):
+    """T5EncoderModel, d_model 32, 2 layers, 4 heads, no dropout (relative position buckets: any sequence length);
+    ``umt5``: a UMT5EncoderModel with umT5-XXL's gated-GELU feed-forward (Wan's text encoder) instead."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                      relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
-                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, feed_forward_proj="relu",
-                      is_encoder_decoder=False)
-    return T5EncoderModel(config)
+    config_cls, model_cls = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    config = config_cls(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                        relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
+                        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                        feed_forward_proj="gated-gelu" if umt5 else "relu", is_encoder_decoder=False)
+    return model_cls(config)
 
 
 def tiny_sd3(with_text_encoders: bool = False, seed: int = 0):

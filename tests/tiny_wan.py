@@ -18,16 +18,12 @@ TINY_FRAMES = 5    # frames; (5 - 1) / 4 + 1 = 2 latent frames
 TINY_SHIFT = 3.0
 
 
-def tiny_umt5_encoder(vocab_size: int = 4 + 2 * 94, d_model: int = T5_DIM):
-    """UMT5EncoderModel, d_model 32, 2 layers, 4 heads, gated-GELU feed-forward (as umT5-XXL), no dropout; its
+def tiny_umt5_encoder():
+    """Wan's text encoder, tiny: a UMT5EncoderModel (:func:`tests.tiny_models.tiny_t5_encoder` with ``umt5``) whose
     vocabulary covers the 192 ids of :func:`tests.tiny_models.tiny_t5_tokenizer`."""
-    from transformers import UMT5Config, UMT5EncoderModel
+    from .tiny_models import tiny_t5_encoder
 
-    config = UMT5Config(vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                        relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
-                        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, feed_forward_proj="gated-gelu",
-                        is_encoder_decoder=False)
-    return UMT5EncoderModel(config)
+    return tiny_t5_encoder(umt5=True)
 
 
 def tiny_wan(with_text_encoders: bool = False, seed: int = 0):
