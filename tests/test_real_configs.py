@@ -18,7 +18,8 @@ from genalign.prompts import read_prompts
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
 REAL = ["sd35m_pickscore", "sd35m_compositional", "sd35m_ocr", "sd35l_lora", "flux_dev", "flux_schnell",
-        "sd15_aesthetic", "sdxl_compressibility"]
+        "sd15_aesthetic", "sdxl_compressibility", "flux2_klein_pickscore", "qwen_image_pickscore",
+        "z_image_turbo_pickscore", "wan21_t2v_pickscore"]
 
 
 @pytest.fixture(autouse=True)
