@@ -371,6 +371,18 @@ class DGPOConfig:
 
     beta: float = 100.0
     """DPO temperature of the group margin (beta / G) sum_i A_i (L_i - L_ref,i) (the released default, 100)."""
+    clip: bool = True
+    """PPO-style trust region on the matching loss, as released: a unit whose likelihood ratio exp(L_old - L) against
+    the old policy (below) already passed 1 + train.clip_range_high (A > 0) or 1 - train.clip_range (A < 0) gets no
+    gradient."""
+    old_decay_rate: float = 0.001
+    """The old policy is an EMA of the trained weights, updated after every optimizer step as
+    old = d old + (1 - d) theta with d = min(old_decay_rate * optimizer steps, old_decay_max)."""
+    old_decay_max: float = 0.3
+    """Upper bound of that decay (the released 0.3)."""
+    sample_with_old_after: Optional[int] = 200
+    """After this many optimizer steps the old policy draws the samples (the released switch, 200); None: always the
+    trained weights."""
 
 
 @dataclass

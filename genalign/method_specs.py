@@ -286,8 +286,15 @@ class DGPO(_ForwardProcessMethod):
     options: Tuple[str, ...] = ("dgpo",)
 
     def validate(self, cfg) -> None:
-        if not cfg.dgpo.beta > 0:
-            raise ConfigError(f"dgpo.beta must be > 0, got {cfg.dgpo.beta}")
+        d = cfg.dgpo
+        if not d.beta > 0:
+            raise ConfigError(f"dgpo.beta must be > 0, got {d.beta}")
+        if not 0 <= d.old_decay_max <= 1 or d.old_decay_rate < 0:
+            raise ConfigError(f"dgpo.old_decay_max must be in [0, 1] and dgpo.old_decay_rate >= 0, got "
+                              f"{d.old_decay_max}, {d.old_decay_rate}")
+        if d.sample_with_old_after is not None and (not isinstance(d.sample_with_old_after, int)
+                                                    or d.sample_with_old_after < 0):
+            raise ConfigError(f"dgpo.sample_with_old_after must be an int >= 0 or null, got {d.sample_with_old_after!r}")
         super().validate(cfg)
 
 

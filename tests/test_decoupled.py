@@ -95,7 +95,7 @@ def test_dgpo_gradient_equals_that_of_the_group_dpo_loss(sd3_dir, tmp_path, prom
     """The back-propagated surrogate sigmoid(m_g) A_i L_i has the gradient of sum_g (G / beta) softplus(m_g) / U,
     with the margins m_g built from the same units (members share their noise and step)."""
     trainer = make_trainer(sd3_dir, tmp_path / "run", prompts_file, **{
-        **SMALL, "method": "dgpo", "dgpo.beta": 20.0, "train.num_minibatches": 1})
+        **SMALL, "method": "dgpo", "dgpo.beta": 20.0, "train.num_minibatches": 1, "dgpo.clip": False})
     perturb(trainer)
     obj, u = trainer.objective, _units(trainer)
     ids = obj.minibatches(u, 0, 0)[0]
@@ -117,6 +117,54 @@ def test_dgpo_gradient_equals_that_of_the_group_dpo_loss(sd3_dir, tmp_path, prom
     present[keys] = True
     exact = dgpo_group_loss(m[present], 20.0, trainer.cfg.sampling.group_size).sum() / len(ids)
     _assert_same(ours, _manual_grads(trainer, exact.float()))
+
+
+def test_dgpo_trust_region_drops_the_gradient_of_units_past_the_clip(sd3_dir, tmp_path, prompts_file):
+    """dgpo.clip: against the old policy (the initial weights here), a unit whose ratio exp(L_old - L) passed the clip
+    range in its advantage's direction contributes no gradient; the others keep sigmoid(m) A grad L."""
+    trainer = make_trainer(sd3_dir, tmp_path / "run", prompts_file, **{
+        **SMALL, "method": "dgpo", "dgpo.beta": 20.0, "train.num_minibatches": 1, "train.clip_range": 1e-3})
+    perturb(trainer, 0.02)  # policy != old policy (the copy taken at construction)
+    obj, u = trainer.objective, _units(trainer)
+    ids = obj.minibatches(u, 0, 0)[0]
+    trainer.optimizer.zero_grad(set_to_none=True)
+    stats = trainer.accumulate(u, ids)
+    ours = _grads(trainer)
+    n = obj.noised(u, ids)
+    with torch.no_grad(), obj.old.swapped_in():
+        old = (trainer.policy.predict(n.x_t, n.timesteps, n.sub.cond) - (n.noise - n.x0)).pow(2).flatten(1).mean(1)
+    v = trainer.policy.predict(n.x_t, n.timesteps, n.sub.cond)
+    mse = (v - (n.noise - n.x0)).pow(2).flatten(1).mean(1)
+    adv = u.weight[u.rows[ids]]
+    ratio = torch.exp(old - mse.detach())
+    clipped = torch.where(adv > 0, ratio > 1 + 1e-3, ratio < 1 - 1e-3)
+    assert 0 < int(clipped.sum()) < len(ids)  # both kinds present
+    assert stats["clip_frac"].item() == pytest.approx(clipped.float().mean().item())
+    weight = torch.sigmoid(obj.margins[obj._keys(u)[ids]]).float()
+    surrogate = (weight * adv * torch.where(clipped, mse.detach(), mse)).sum() / len(ids)
+    _assert_same(ours, _manual_grads(trainer, surrogate))
+
+
+def test_dgpo_old_policy_follows_samples_and_resumes(sd3_dir, tmp_path, prompts_file):
+    """The old policy blends towards the weights after every optimizer step (d = min(rate * steps, max)), draws the
+    samples after dgpo.sample_with_old_after steps, and is checkpointed."""
+    kw = {**SMALL, "method": "dgpo", "dgpo.old_decay_rate": 0.25, "dgpo.old_decay_max": 0.4,
+          "dgpo.sample_with_old_after": 0, "checkpoint.every": 1}
+    trainer = make_trainer(sd3_dir, tmp_path / "run", prompts_file, **{**kw, "num_epochs": 2})
+    obj = trainer.objective
+    start = [p.detach().clone() for p in trainer.params]
+    assert obj.sampling_context().__class__.__name__ == "nullcontext"  # no step yet
+    trainer.train()
+    assert obj.steps == 2  # 2 epochs x 1 optimizer step
+    assert not all(torch.equal(a, p) for a, p in zip(obj.old.shadow, trainer.params))
+    assert not all(torch.equal(a, b) for a, b in zip(obj.old.shadow, start))
+    with obj.sampling_context():
+        inside = [p.detach().clone() for p in trainer.params]
+    assert all(torch.equal(a, b) for a, b in zip(inside, obj.old.shadow))
+    resumed = make_trainer(sd3_dir, tmp_path / "run", prompts_file, resume="latest", **{**kw, "num_epochs": 2})
+    assert resumed.objective.steps == 2
+    for a, b in zip(resumed.objective.old.shadow, obj.old.shadow):
+        torch.testing.assert_close(a, b)
 
 
 def test_dgpo_optimizer_steps_hold_whole_groups(sd3_dir, tmp_path, prompts_file):

@@ -15,17 +15,23 @@ the trainer back-propagates exactly that (``sigmoid(m_g)`` from a no-grad pass o
 processes), so a group's members may sit in different micro-batches and processes. An optimizer step holds whole
 (group, step) sets. Optional KL ``train.kl_beta`` (velocity space by default).
 
-Not implemented: the released code's PPO-style clipping of the matching loss against an EMA "old" policy
-(``clip_dsm``) and its option to use that EMA as the reference.
+Trust region (``dgpo.clip``, on by default as released): an "old" policy, an EMA of the trained weights
+(``old = d old + (1 - d) theta`` after every optimizer step, ``d = min(old_decay_rate * steps, old_decay_max)``),
+gives each unit a likelihood ratio ``exp(L_old - L)``; a unit whose ratio has already moved past
+``1 + train.clip_range_high`` (A > 0) or ``1 - train.clip_range`` (A < 0) contributes no gradient. After
+``dgpo.sample_with_old_after`` optimizer steps the old policy draws the samples. Not implemented: the released option
+to use the old policy as the DPO reference instead of the frozen base.
 """
 
 from __future__ import annotations
 
-from typing import List, Tuple
+import contextlib
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from ..ema import EMA
 from ..methods import mix_seed
 from .base import register_objective
 from .forward import AdvantageWeighted, ForwardUnits, per_sample_mse
@@ -48,6 +54,53 @@ class DGPO(AdvantageWeighted):
     """Direct Group Preference Optimization (see the module docstring)."""
 
     name = "DGPO"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        params = [p for p in ctx.policy.denoiser().parameters() if p.requires_grad]
+        self.old = EMA(params, 0.0, 1) if self.cfg.dgpo.clip else None  # the old policy: a copy of the weights
+        self.steps = 0  # optimizer steps taken (the old policy's decay and the sampling switch)
+
+    def sampling_context(self):
+        after = self.cfg.dgpo.sample_with_old_after
+        if self.old is not None and after is not None and self.steps > after:
+            return self.old.swapped_in()
+        return contextlib.nullcontext()
+
+    def after_step(self) -> None:
+        self.steps += 1
+        if self.old is not None:
+            d = self.cfg.dgpo
+            self.old.blend(min(d.old_decay_rate * self.steps, d.old_decay_max))
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        out = {"steps": torch.tensor(self.steps)}
+        if self.old is not None:
+            out.update({f"old.{i}": s for i, s in enumerate(self.old.shadow)})
+        return out
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        self.steps = int(state["steps"])
+        if self.old is not None:
+            self.old.load_state_dict({"shadow": [state[f"old.{i}"] for i in range(len(self.old.shadow))],
+                                      "num_updates": 0})
+
+    def old_loss(self, n):
+        """The old policy's matching loss per unit (None without ``dgpo.clip``). Computed before the policy's
+        forward: swapping the old weights in writes the live parameters."""
+        if self.old is None:
+            return None
+        with torch.no_grad(), self.old.swapped_in(), self.tr.autocast():
+            return per_sample_mse(self.velocity(n), n.target())
+
+    def trust_region(self, mse: torch.Tensor, old, adv: torch.Tensor) -> torch.Tensor:
+        """``[B]`` bool: units past the trust region (no gradient; ``dgpo.clip``), from the old loss ``old``."""
+        if old is None:
+            return torch.zeros_like(adv, dtype=torch.bool)
+        t = self.cfg.train
+        ratio = torch.exp(old - mse.detach())
+        high = t.clip_range if t.clip_range_high is None else t.clip_range_high
+        return torch.where(adv > 0, ratio > 1 + high, ratio < 1 - t.clip_range)
 
 
     def noise_key(self, epoch: int, sample: int, group: int, step: int) -> Tuple[int, ...]:
@@ -92,16 +145,19 @@ class DGPO(AdvantageWeighted):
     def unit_loss(self, u: ForwardUnits, ids: torch.Tensor, total):
         tr = self.tr
         n = self.noised(u, ids)
+        old = self.old_loss(n)
         with tr.autocast():
             v = self.velocity(n)
         mse = per_sample_mse(v, n.target())
         weight = torch.sigmoid(self.margins[self._keys(u)[ids].to(tr.device)]).float()
         adv = u.weight[u.rows[ids]].to(tr.device)
+        clipped = self.trust_region(mse, old, adv)
         # gradient sigmoid(m_g) A_i grad L_i: that of the group loss (G / beta) softplus(m_g), per unit
-        loss = (weight * adv * mse).sum() / total
+        loss = (weight * adv * torch.where(clipped, mse.detach(), mse)).sum() / total
         share = len(ids) / total
         st = {"loss": self._step_group_loss.mean() * share, "dgpo/surrogate": loss.detach(),
-              "dgpo/sigmoid_margin": weight.sum() / total, "dgpo/mse": mse.detach().sum() / total}
+              "dgpo/sigmoid_margin": weight.sum() / total, "dgpo/mse": mse.detach().sum() / total,
+              "clip_frac": clipped.float().sum() / total}
         with tr.autocast():
             return self.add_kl(loss, st, v, n, total), st
 
