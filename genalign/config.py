@@ -380,6 +380,9 @@ class DGPOConfig:
     old = d old + (1 - d) theta with d = min(old_decay_rate * optimizer steps, old_decay_max)."""
     old_decay_max: float = 0.3
     """Upper bound of that decay (the released 0.3)."""
+    reference: str = "base"
+    """The DPO reference L_ref of the margins: 'base' (the frozen base: LoRA disabled or the frozen copy) or 'old'
+    (the EMA old policy, a moving reference; needs dgpo.clip for the old policy; the released use_ema_ref)."""
     sample_with_old_after: Optional[int] = 200
     """After this many optimizer steps the old policy draws the samples (the released switch, 200); None: always the
     trained weights."""

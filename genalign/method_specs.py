@@ -292,6 +292,10 @@ class DGPO(_ForwardProcessMethod):
         if not 0 <= d.old_decay_max <= 1 or d.old_decay_rate < 0:
             raise ConfigError(f"dgpo.old_decay_max must be in [0, 1] and dgpo.old_decay_rate >= 0, got "
                               f"{d.old_decay_max}, {d.old_decay_rate}")
+        check_choice("dgpo.reference", d.reference, ["base", "old"])
+        if d.reference == "old" and not d.clip:
+            raise ConfigError("dgpo.reference = 'old' measures the margins against the EMA old policy, which is kept "
+                              "for dgpo.clip: set dgpo.clip = true")
         if d.sample_with_old_after is not None and (not isinstance(d.sample_with_old_after, int)
                                                     or d.sample_with_old_after < 0):
             raise ConfigError(f"dgpo.sample_with_old_after must be an int >= 0 or null, got {d.sample_with_old_after!r}")

@@ -173,7 +173,8 @@ class Trainer:
             targets = cfg.lora.target_modules or self.policy.lora_target_modules
             add_lora(self.denoiser, cfg.lora.rank, cfg.lora.alpha, targets)
         else:
-            needs_reference = (t.kl_beta > 0 or objective_name(cfg) in ("dragon", "dgpo")
+            needs_reference = (t.kl_beta > 0 or objective_name(cfg) == "dragon"
+                               or (objective_name(cfg) == "dgpo" and cfg.dgpo.reference == "base")
                                or (objective_name(cfg) == "sft" and cfg.sft.sample_from == "reference"))
             if needs_reference and t.reference_copy:
                 self.frozen_reference = copy.deepcopy(self.denoiser).eval()

@@ -167,6 +167,25 @@ def test_dgpo_old_policy_follows_samples_and_resumes(sd3_dir, tmp_path, prompts_
         torch.testing.assert_close(a, b)
 
 
+def test_dgpo_can_measure_the_margins_against_the_old_policy(sd3_dir, tmp_path, prompts_file):
+    """dgpo.reference = old: the margins compare with the EMA old policy, which equals the policy at the start (all
+    margins 0, every group weight sigmoid(0) = 1/2), while against the base they are not 0 once the weights moved."""
+    trainer = make_trainer(sd3_dir, tmp_path / "run", prompts_file, **{**SMALL, "method": "dgpo",
+                                                                       "dgpo.reference": "old"})
+    perturb(trainer)
+    trainer.objective.old.blend(0.0)  # the old policy follows the perturbed weights exactly
+    obj, u = trainer.objective, _units(trainer)
+    obj.before_step(u, obj.minibatches(u, 0, 0)[0])
+    assert obj.margins.abs().max() == 0
+    base = make_trainer(sd3_dir, tmp_path / "run2", prompts_file, **{**SMALL, "method": "dgpo"})
+    perturb(base)
+    u = _units(base)
+    base.objective.before_step(u, base.objective.minibatches(u, 0, 0)[0])
+    assert base.objective.margins.abs().max() > 0
+    with pytest.raises(ConfigError, match="dgpo.reference = 'old' measures the margins against the EMA old policy"):
+        load_config("configs/digits.yaml", ["method=dgpo", "dgpo.reference=old", "dgpo.clip=false"]).validate()
+
+
 def test_dgpo_optimizer_steps_hold_whole_groups(sd3_dir, tmp_path, prompts_file):
     trainer = make_trainer(sd3_dir, tmp_path / "run", prompts_file, **{
         **SMALL, "method": "dgpo", "train.num_minibatches": 2})

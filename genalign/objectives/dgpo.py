@@ -19,8 +19,8 @@ Trust region (``dgpo.clip``, on by default as released): an "old" policy, an EMA
 (``old = d old + (1 - d) theta`` after every optimizer step, ``d = min(old_decay_rate * steps, old_decay_max)``),
 gives each unit a likelihood ratio ``exp(L_old - L)``; a unit whose ratio has already moved past
 ``1 + train.clip_range_high`` (A > 0) or ``1 - train.clip_range`` (A < 0) contributes no gradient. After
-``dgpo.sample_with_old_after`` optimizer steps the old policy draws the samples. Not implemented: the released option
-to use the old policy as the DPO reference instead of the frozen base.
+``dgpo.sample_with_old_after`` optimizer steps the old policy draws the samples. ``dgpo.reference: old`` measures
+the margins against that old policy instead of the frozen base (a moving reference).
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ class DGPO(AdvantageWeighted):
                 sub = ids[s:s + t.batch_size]
                 n = self.noised(u, sub)
                 loss = per_sample_mse(self.velocity(n), n.target())
-                ref = per_sample_mse(self.reference_velocity(n), n.target())
+                ref = self.old_loss(n) if self.cfg.dgpo.reference == "old" else \
+                    per_sample_mse(self.reference_velocity(n), n.target())
                 margins += group_margins(u.weight[u.rows[sub]].to(tr.device), loss, ref, self._keys(u)[sub].to(tr.device),
                                          self.num_keys, self.cfg.dgpo.beta, self.cfg.sampling.group_size)
         self.margins = tr.acc.reduce(margins, "sum") if tr.world > 1 else margins
