@@ -51,6 +51,7 @@ class HackingMonitor:
         self.base: Optional[Dict[str, float]] = None
         self.best: Optional[Dict[str, float]] = None  # {"epoch", "reward", ...metrics} of the best unflagged eval
         self.stop_requested = False
+        self.flagged = False  # the last evaluation was flagged (a streak of flagged evaluations warns once)
 
     @staticmethod
     def _diversity_key(metrics: Dict[str, float]) -> Optional[str]:
@@ -82,13 +83,15 @@ class HackingMonitor:
         flagged = bool(reasons) and reward_up
         if out:
             out["hacking/flag"] = float(flagged)
-        if flagged and self.action != "ignore":
+        if flagged and self.action != "ignore" and (self.action == "stop" or not self.flagged):
             what = "; ".join(reasons)
             tail = " Training stops (eval.on_hacking = stop)." if self.action == "stop" else \
-                " (eval.on_hacking = warn; 'stop' ends the run, 'ignore' silences this.)"
+                (" (eval.on_hacking = warn: the following flagged evaluations are logged as hacking/flag without a new "
+                 "warning until one passes; 'stop' ends the run, 'ignore' silences this.)")
             warnings.warn(f"possible reward hacking at epoch {epoch}: eval/reward rose {self.base[REWARD_KEY]:.4g} "
                           f"-> {metrics[REWARD_KEY]:.4g} while {what}.{tail}", RewardHackingWarning, stacklevel=2)
             self.stop_requested = self.action == "stop"
+        self.flagged = flagged
         out["hacking/is_best"] = float(self._is_new_best(epoch, metrics, flagged))
         return out
 
@@ -101,11 +104,11 @@ class HackingMonitor:
         return True
 
     def state_dict(self) -> dict:
-        return {"base": self.base, "best": self.best}
+        return {"base": self.base, "best": self.best, "flagged": self.flagged}
 
     def load_state_dict(self, state: Optional[dict]) -> None:
         state = state or {}
-        self.base, self.best = state.get("base"), state.get("best")
+        self.base, self.best, self.flagged = state.get("base"), state.get("best"), bool(state.get("flagged", False))
 
 
 __all__ = ["HackingMonitor", "RewardHackingWarning", "ACTIONS", "FD_KEY", "DIVERSITY_KEYS"]

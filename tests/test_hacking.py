@@ -32,6 +32,10 @@ def test_monitor_flags_reward_up_with_fd_rise_or_diversity_drop():
     with pytest.warns(RewardHackingWarning, match=r"eval/fd_independent 1\.3 is \+30\.0% .*eval.max_fd_rise"):
         out = m.update(20, ev(0.9, 1.3, 0.95))
     assert out["hacking/flag"] == 1.0 and out["hacking/is_best"] == 0.0  # flagged: never the best
+    with warnings.catch_warnings():  # the same streak: logged, not warned again
+        warnings.simplefilter("error")
+        assert m.update(25, ev(0.9, 1.4, 0.95))["hacking/flag"] == 1.0
+        assert m.update(28, ev(0.6, 1.05, 0.95))["hacking/flag"] == 0.0  # passes: the streak ends
     with pytest.warns(RewardHackingWarning, match=r"eval/diversity_ratio 0\.8 is 20\.0% below"):
         m.update(30, ev(0.95, 1.0, 0.8))
     assert m.best["epoch"] == 10 and not m.stop_requested
