@@ -31,7 +31,6 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..ema import EMA
 from ..methods import mix_seed
 from .base import register_objective
 from .forward import AdvantageWeighted, ForwardUnits, per_sample_mse
@@ -57,8 +56,7 @@ class DGPO(AdvantageWeighted):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        params = [p for p in ctx.policy.denoiser().parameters() if p.requires_grad]
-        self.old = EMA(params, 0.0, 1) if self.cfg.dgpo.clip else None  # the old policy: a copy of the weights
+        self.old = self.copy_of_weights() if self.cfg.dgpo.clip else None  # the old policy
         self.steps = 0  # optimizer steps taken (the old policy's decay and the sampling switch)
 
     def sampling_context(self):
@@ -74,16 +72,11 @@ class DGPO(AdvantageWeighted):
             self.old.blend(min(d.old_decay_rate * self.steps, d.old_decay_max))
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
-        out = {"steps": torch.tensor(self.steps)}
-        if self.old is not None:
-            out.update({f"old.{i}": s for i, s in enumerate(self.old.shadow)})
-        return out
+        return {"steps": torch.tensor(self.steps), **super().state_dict()}
 
     def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
         self.steps = int(state["steps"])
-        if self.old is not None:
-            self.old.load_state_dict({"shadow": [state[f"old.{i}"] for i in range(len(self.old.shadow))],
-                                      "num_updates": 0})
+        super().load_state_dict(state)
 
     def old_loss(self, n):
         """The old policy's matching loss per unit (None without ``dgpo.clip``). Computed before the policy's

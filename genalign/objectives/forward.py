@@ -144,6 +144,24 @@ class ForwardProcessObjective(ObjectiveBase):
         return run
 
     # ------------------------------------------------------------------ shared pieces
+    old = None
+    """An "old" policy (DiffusionNFT, DGPO): an :class:`genalign.ema.EMA` copy of the trainable weights, or None."""
+
+    def copy_of_weights(self):
+        """A copy of the trainable weights (the start of an old policy)."""
+        from ..ema import EMA
+
+        return EMA([p for p in self.tr.policy.denoiser().parameters() if p.requires_grad], 0.0, 1)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """The old policy's weights (checkpointed so that a resumed run continues exactly)."""
+        return {} if self.old is None else {f"old.{i}": s for i, s in enumerate(self.old.shadow)}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        if self.old is not None:
+            self.old.load_state_dict({"shadow": [state[f"old.{i}"] for i in range(len(self.old.shadow))],
+                                      "num_updates": 0})
+
     def noised(self, u: ForwardUnits, ids: torch.Tensor) -> Noised:
         """The units ``ids`` at their noise (each unit's noise from its own seed, drawn on the CPU)."""
         dev = self.tr.device

@@ -29,7 +29,6 @@ from typing import Dict
 import torch
 
 from ..advantages import configured_advantages
-from ..ema import EMA
 from .base import EpochBatch, register_objective
 from .forward import ForwardProcessObjective, ForwardUnits
 
@@ -76,8 +75,7 @@ class DiffusionNFT(ForwardProcessObjective):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        params = [p for p in ctx.policy.denoiser().parameters() if p.requires_grad]
-        self.old = EMA(params, 0.0, 1)  # the old (sampling) policy: a copy of the trainable weights
+        self.old = self.copy_of_weights()  # the old (sampling) policy
         self.decay = 0.0
 
     # ------------------------------------------------------------------ protocol
@@ -112,13 +110,6 @@ class DiffusionNFT(ForwardProcessObjective):
         n = self.cfg.nft
         self.decay = min(max(global_step - n.old_decay_delay, 0) * n.old_decay_rate, n.old_decay_max)
         self.old.blend(self.decay)
-
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        return {f"old.{i}": s for i, s in enumerate(self.old.shadow)}
-
-    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
-        self.old.load_state_dict({"shadow": [state[f"old.{i}"] for i in range(len(self.old.shadow))],
-                                  "num_updates": 0})
 
 
 __all__ = ["DiffusionNFT", "nft_loss", "optimality"]
