@@ -74,7 +74,7 @@ def denoising_losses(policy, x0: torch.Tensor, noise: torch.Tensor, timesteps: t
     ``timesteps [B]``), target velocity ``noise - x0``."""
     s = sigmas.view(-1, *[1] * (x0.ndim - 1)).to(x0.dtype)
     v = policy.predict((1 - s) * x0 + s * noise, timesteps, cond)
-    return (v.float() - (noise - x0).float()).pow(2).flatten(1).mean(1)
+    return losses.per_sample_mse(v, noise - x0)
 
 
 def split_labels(trainer, rewards: torch.Tensor, group_ids: torch.Tensor, traj) -> torch.Tensor:

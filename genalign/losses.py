@@ -513,6 +513,12 @@ def policy_loss(
     return loss, {k: v.detach() for k, v in stats.items()}
 
 
+def per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
+    """``mean over elements of (a - b)^2`` per sample ``[B]`` in float32: the flow-matching / denoising loss of each
+    sample when ``a`` is a prediction and ``b`` its target."""
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
+
+
 # ----------------------------------------------------------------------------------------------------
 # preference losses (docs/algorithms.md §9.8, §9.9 and §6)
 #

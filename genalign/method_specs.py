@@ -90,6 +90,11 @@ class MethodSpec:
     def validate(self, cfg) -> None:
         """Method-specific checks (after the general ones of :meth:`genalign.config.Config.validate`)."""
 
+    def needs_reference(self, cfg) -> bool:
+        """Whether training uses the reference policy (the base: LoRA adapters disabled, or a frozen copy when
+        fine-tuning fully): for the KL term by default; methods whose loss or sampler uses it say so too."""
+        return cfg.train.kl_beta > 0
+
     def plan(self, cfg, epoch: int, group_ids: torch.Tensor, base_levels: torch.Tensor) -> EpochPlan:
         """``[N]`` samples of the epoch (``group_ids``, global order) -> their plan; ``base_levels [T]``
         are the levels of a full-SDE rollout. Default: every step SDE, the trainable steps trained."""
@@ -203,6 +208,9 @@ class Dragon(MethodSpec):
     objective: str = "dragon"
     options: Tuple[str, ...] = ("dragon",)
 
+    def needs_reference(self, cfg) -> bool:
+        return True  # the preference losses compare with the reference's flow-matching loss
+
     def validate(self, cfg) -> None:
         d = cfg.dragon
         for key, value, valid in (("loss", d.loss, LOSSES), ("criterion", d.criterion, CRITERIA),
@@ -216,6 +224,14 @@ class Dragon(MethodSpec):
         if not isinstance(d.max_swaps, int) or d.max_swaps < 0:
             raise ConfigError(f"dragon.max_swaps must be an int >= 0, got {d.max_swaps!r}")
         _no_dynamic_sampling(cfg, self.name, "it trains D+ / D- splits, not group advantages")
+
+
+def _check_old_decay(section: str, decay_max: float, rate: float, delay: Optional[int] = None) -> None:
+    """The decay schedule of an old (EMA) policy: ``old_decay_max`` in [0, 1], rate (and delay, if any) >= 0."""
+    if not 0 <= decay_max <= 1 or rate < 0 or (delay is not None and delay < 0):
+        keys = f"{section}.old_decay_rate" + (f", {section}.old_decay_delay" if delay is not None else "")
+        got = ", ".join(str(v) for v in (decay_max, rate, delay) if v is not None)
+        raise ConfigError(f"{section}.old_decay_max must be in [0, 1] and {keys} >= 0, got {got}")
 
 
 @dataclass(frozen=True)
@@ -251,9 +267,7 @@ class DiffusionNFT(_ForwardProcessMethod):
         if not n.beta > 0:
             raise ConfigError(f"nft.beta must be > 0, got {n.beta}")
         check_choice("nft.optimality", n.optimality, ["linear", "binary", "reward"])
-        if not 0 <= n.old_decay_max <= 1 or n.old_decay_rate < 0 or n.old_decay_delay < 0:
-            raise ConfigError(f"nft.old_decay_max must be in [0, 1] and nft.old_decay_rate, nft.old_decay_delay >= 0, "
-                              f"got {n.old_decay_max}, {n.old_decay_rate}, {n.old_decay_delay}")
+        _check_old_decay("nft", n.old_decay_max, n.old_decay_rate, n.old_decay_delay)
         if cfg.train.advantage_clip <= 0:
             raise ConfigError(f"train.advantage_clip must be > 0 for diffusion_nft (it maps advantages to the "
                               f"optimality weight r), got {cfg.train.advantage_clip}")
@@ -285,13 +299,14 @@ class DGPO(_ForwardProcessMethod):
     objective: str = "dgpo"
     options: Tuple[str, ...] = ("dgpo",)
 
+    def needs_reference(self, cfg) -> bool:
+        return cfg.dgpo.reference == "base" or super().needs_reference(cfg)
+
     def validate(self, cfg) -> None:
         d = cfg.dgpo
         if not d.beta > 0:
             raise ConfigError(f"dgpo.beta must be > 0, got {d.beta}")
-        if not 0 <= d.old_decay_max <= 1 or d.old_decay_rate < 0:
-            raise ConfigError(f"dgpo.old_decay_max must be in [0, 1] and dgpo.old_decay_rate >= 0, got "
-                              f"{d.old_decay_max}, {d.old_decay_rate}")
+        _check_old_decay("dgpo", d.old_decay_max, d.old_decay_rate)
         check_choice("dgpo.reference", d.reference, ["base", "old"])
         if d.reference == "old" and not d.clip:
             raise ConfigError("dgpo.reference = 'old' measures the margins against the EMA old policy, which is kept "
@@ -323,6 +338,9 @@ class SFT(_ForwardProcessMethod):
     options: Tuple[str, ...] = ("sft", "data")
     data_kind: Optional[str] = "image"
 
+    def needs_reference(self, cfg) -> bool:
+        return cfg.sft.sample_from == "reference" or super().needs_reference(cfg)
+
     def validate(self, cfg) -> None:
         k = cfg.sft.top_k
         if k is not None and (not isinstance(k, int) or not 1 <= k <= cfg.sampling.group_size):
@@ -352,6 +370,9 @@ class DiffusionDPO(MethodSpec):
     defaults: Dict[str, Any] = field(default_factory=lambda: {"sampling": {"noise_level": 0.0}})
     options: Tuple[str, ...] = ("dragon", "data")
     data_kind: Optional[str] = "pairs"
+
+    def needs_reference(self, cfg) -> bool:
+        return True  # Diffusion-DPO compares with the reference's flow-matching loss
 
     def validate(self, cfg) -> None:
         d = cfg.dragon

@@ -173,16 +173,15 @@ class Trainer:
             targets = cfg.lora.target_modules or self.policy.lora_target_modules
             add_lora(self.denoiser, cfg.lora.rank, cfg.lora.alpha, targets)
         else:
-            needs_reference = (t.kl_beta > 0 or objective_name(cfg) == "dragon"
-                               or (objective_name(cfg) == "dgpo" and cfg.dgpo.reference == "base")
-                               or (objective_name(cfg) == "sft" and cfg.sft.sample_from == "reference"))
+            needs_reference = cfg.method_spec().needs_reference(cfg)
             if needs_reference and t.reference_copy:
                 self.frozen_reference = copy.deepcopy(self.denoiser).eval()
                 if t.reference_device:  # e.g. 'cpu': the copy does not occupy accelerator memory
                     self.frozen_reference.to(t.reference_device)
             elif needs_reference:
-                raise ConfigError("train.kl_beta > 0 or method dragon with full fine-tuning needs a reference: set "
-                                  "train.reference_copy=true (keeps a frozen copy) or lora.enabled=true")
+                raise ConfigError(f"method {cfg.method} with these options (train.kl_beta = {t.kl_beta}) uses the "
+                                  f"reference policy, which full fine-tuning has no copy of: set "
+                                  f"train.reference_copy=true (keeps a frozen copy) or lora.enabled=true")
             self.denoiser.requires_grad_(True)
         self.denoiser.to(self.device)
         if t.gradient_checkpointing:

@@ -17,7 +17,13 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from genalign.policy import Cond, cfg_combine, conditioning_rows, resolve_device, resolve_pretrained
+from genalign.policy import (
+    Cond,
+    cfg_combine,
+    conditioning_rows,
+    resolve_device,
+    resolve_pretrained,
+)
 
 EMBED_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
 
@@ -169,25 +175,25 @@ class DiffusersPolicy:
     def from_pretrained(cls, model_id_or_path: str, device=None, dtype: Optional[torch.dtype] = None,
                         guidance_scale: Optional[float] = None, height: Optional[int] = None,
                         width: Optional[int] = None, drop_t5: bool = False, offload_text_encoders: bool = False,
-                        cache_prompt_embeds: bool = False, condition_size=None, **kw):
+                        cache_prompt_embeds: bool = False, **kw):
         """Load a hub id (cache only when ``HF_HUB_OFFLINE=1``) or a ``save_pretrained`` directory.
 
         ``device`` defaults to CUDA when available; ``dtype`` is passed as ``torch_dtype``; other keyword
-        arguments go to the diffusers ``from_pretrained``. ``drop_t5`` (SD3: ``model.drop_t5``) does not load
-        the T5 encoder; ``offload_text_encoders`` / ``cache_prompt_embeds``: see the class attributes.
-        Raises :class:`genalign.policy.ModelNotAvailableError` with a download hint when offline and uncached.
-        ``condition_size`` (``model.condition_size``) is for image-conditioned adapters only (refused here; FLUX.1
-        Kontext handles it).
+        arguments go to the adapter's constructor when it takes them (Flux's ``true_cfg_scale``, Wan's
+        ``num_frames``, Kontext's ``condition_size``, ...), else to the diffusers ``from_pretrained``. ``drop_t5``
+        (SD3: ``model.drop_t5``) does not load the T5 encoder; ``offload_text_encoders`` / ``cache_prompt_embeds``:
+        see the class attributes. Raises :class:`genalign.policy.ModelNotAvailableError` with a download hint when
+        offline and uncached. ``condition_size`` (``model.condition_size``) is refused by adapters that take no
+        condition images (diffusers would drop it silently).
         """
-        if condition_size is not None:
-            raise ValueError(f"model.condition_size = {condition_size!r}: {cls.__name__} takes no condition images "
-                             f"(the option is for image-conditioned adapters such as flux_kontext)")
         if drop_t5:
             for name, value in cls._drop_t5_components().items():
                 kw.setdefault(name, value)
-        # options the adapter's constructor takes (Flux's true_cfg_scale, ...) go to it, the rest to diffusers
         own = cls._init_options()
         adapter_kw = {k: kw.pop(k) for k in list(kw) if k in own}
+        if kw.get("condition_size") is not None:
+            raise ValueError(f"model.condition_size = {kw['condition_size']!r}: {cls.__name__} takes no condition "
+                             f"images (the option is for image-conditioned adapters such as flux_kontext)")
         path = resolve_pretrained(model_id_or_path)
         if dtype is not None:
             kw["torch_dtype"] = dtype
@@ -551,40 +557,64 @@ class DiffusersPolicy:
         """Inverse of :meth:`_vae_latents`: VAE-space latents ``[B, C, h, w]`` -> rollout latents."""
         return latents
 
+    def _vae_encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in [0, 1] -> the mode of the VAE's latent distribution, float32 (adapters whose
+        VAE normalises per channel override it)."""
+        vae = self.pipe.vae
+        return vae.encode((images * 2 - 1).to(self.device, vae.dtype)).latent_dist.mode().float()
+
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Rollout latents -> the VAE decoder's output in [-1, 1] (``[B, 3, H, W]``; videos ``[B, F, 3, H, W]``):
+        unpacked (:meth:`_vae_latents`), the VAE's ``scaling_factor`` (and ``shift_factor``) undone when it has them.
+        Adapters whose VAE normalises per channel override it."""
+        vae = self.pipe.vae
+        z = self._vae_latents(latents.to(self.device))
+        scale, shift = vae.config.get("scaling_factor", None), vae.config.get("shift_factor", None)
+        if scale is not None:
+            z = z / scale
+        if shift is not None:
+            z = z + shift
+        return vae.decode(z.to(vae.dtype), return_dict=False)[0]
+
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``[B, 3, H, W]`` in [0, 1] at the policy's resolution -> latents ``[B, *latent_shape]`` float32: the
-        mode of the VAE's latent distribution, shifted and scaled as :meth:`decode` undoes (data-set training,
+        """Images ``[B, 3, H, W]`` in [0, 1] at the policy's resolution -> latents ``[B, *latent_shape]`` float32:
+        :meth:`_vae_encode`, then shifted and scaled as :meth:`decode` undoes and packed (data-set training,
         :mod:`genalign.datasets`)."""
         if tuple(images.shape[1:]) != (3, self.height, self.width):
             raise ValueError(f"{type(self).__name__}.encode_images expects [B, 3, {self.height}, {self.width}] images, "
                              f"got {tuple(images.shape)}")
+        z = self._vae_encode(images)
         vae = self.pipe.vae
-        z = vae.encode((images * 2 - 1).to(self.device, vae.dtype)).latent_dist.mode().float()
-        shift = vae.config.get("shift_factor", None)
+        shift, scale = vae.config.get("shift_factor", None), vae.config.get("scaling_factor", None)
         if shift is not None:
             z = z - shift
-        return self._from_vae_latents(z * vae.config.scaling_factor)
+        if scale is not None:
+            z = z * scale
+        return self._from_vae_latents(z)
 
     def decode(self, latents: torch.Tensor, batch_size: Optional[int] = None) -> torch.Tensor:
-        """Latents ``[B, *latent_shape]`` -> images ``[B, 3, H, W]`` float32 in [0, 1].
+        """Latents ``[B, *latent_shape]`` -> images ``[B, 3, H, W]`` (videos ``[B, F, 3, H, W]``) float32 in [0, 1]:
+        :meth:`_vae_decode` mapped from [-1, 1].
 
-        Undoes the VAE ``scaling_factor`` (and ``shift_factor`` when set). Runs with autograd as called:
-        wrap in ``torch.no_grad()`` unless gradients through the VAE are wanted. ``batch_size`` (default
-        :attr:`decode_batch_size`) decodes in chunks of that many latents (same images, lower peak memory).
+        Runs with autograd as called: wrap in ``torch.no_grad()`` unless gradients through the VAE are wanted.
+        ``batch_size`` (default :attr:`decode_batch_size`) decodes in chunks of that many latents (same images,
+        lower peak memory).
         """
         self._check_latents(latents)
         chunk = batch_size or self.decode_batch_size
         if chunk and latents.shape[0] > chunk:
             return torch.cat([self.decode(part, chunk) for part in latents.split(int(chunk))])
-        vae = self.pipe.vae
-        z = self._vae_latents(latents) / vae.config.scaling_factor
-        shift = vae.config.get("shift_factor", None)
-        if shift is not None:
-            z = z + shift
-        image = vae.decode(z.to(self.device, vae.dtype), return_dict=False)[0]
-        return (image.to(torch.float32) / 2 + 0.5).clamp(0, 1)
+        return (self._vae_decode(latents).to(torch.float32) / 2 + 0.5).clamp(0, 1)
 
+
+def latent_channel_stats(vae, device, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A video-style VAE's per-channel ``latents_mean`` and ``1 / latents_std`` (config lists of ``z_dim`` values),
+    shaped ``[1, C, 1, 1, 1]`` (Qwen-Image's and Wan's normalisation of the latents)."""
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(device, dtype)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(device, dtype)
+    return mean, inv_std
 
 class PackedLatents:
     """Mixin of the adapters whose rollout latents are packed 2x2 patches ``[B, (h/2)*(w/2), 4C]`` (FLUX.1,

@@ -39,7 +39,13 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from genalign.policy import Cond, ModelNotAvailableError, cfg_combine, refuse_conditioning, resolve_device
+from genalign.policy import (
+    Cond,
+    ModelNotAvailableError,
+    cfg_combine,
+    refuse_conditioning,
+    resolve_device,
+)
 
 PAD = "<pad>"
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

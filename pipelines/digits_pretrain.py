@@ -47,9 +47,17 @@ from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-
-from genalign.pipelines.digits import (DIGIT_WORDS, HELD_OUT_FRACTION, SPLIT_RANDOM_STATE, DigitsPolicy,  # noqa: F401
-                                      PromptEncoder, build_transformer, load_split, prompt_digit, split_words)
+from genalign.pipelines.digits import (  # noqa: F401
+    DIGIT_WORDS,
+    HELD_OUT_FRACTION,
+    SPLIT_RANDOM_STATE,
+    DigitsPolicy,
+    PromptEncoder,
+    build_transformer,
+    load_split,
+    prompt_digit,
+    split_words,
+)
 
 TRAIN_TEMPLATES = ("{w}", "a handwritten {w}", "the digit {n}", "a drawing of the number {w}")
 EVAL_TEMPLATES = ("the number {w}", "a handwritten digit {n}")

@@ -225,28 +225,3 @@ class Flux2KleinPolicy(DiffusersPolicy):
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(grid.device, grid.dtype)
         return pack_tokens((grid - mean) / std)
 
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``[B, 3, H, W]`` in [0, 1] at the policy's resolution -> tokens ``[B, *latent_shape]`` float32: the
-        mode of the VAE's latent distribution, normalised and packed as the pipeline prepares reference images (the
-        FLUX.2 VAE has no scaling or shift factor; :meth:`decode` undoes this)."""
-        if tuple(images.shape[1:]) != (3, self.height, self.width):
-            raise ValueError(f"{type(self).__name__}.encode_images expects [B, 3, {self.height}, {self.width}] images, "
-                             f"got {tuple(images.shape)}")
-        vae = self.pipe.vae
-        z = vae.encode((images * 2 - 1).to(self.device, vae.dtype)).latent_dist.mode().float()
-        return self._from_vae_latents(z)
-
-    def decode(self, latents: torch.Tensor, batch_size: Optional[int] = None) -> torch.Tensor:
-        """Tokens ``[B, N, 4C]`` -> images ``[B, 3, H, W]`` float32 in [0, 1], as ``Flux2KleinPipeline`` decodes
-        (:meth:`_vae_latents`, the VAE decoder, ``x / 2 + 0.5`` clamped; the FLUX.2 VAE has no scaling or shift
-        factor). Runs with autograd as called; ``batch_size`` (default :attr:`decode_batch_size`) decodes in chunks.
-        """
-        self._check_latents(latents)
-        chunk = batch_size or self.decode_batch_size
-        if chunk and latents.shape[0] > chunk:
-            return torch.cat([self.decode(part, chunk) for part in latents.split(int(chunk))])
-        vae = self.pipe.vae
-        z = self._vae_latents(latents.to(self.device))
-        image = vae.decode(z.to(vae.dtype), return_dict=False)[0]
-        return (image.to(torch.float32) / 2 + 0.5).clamp(0, 1)

@@ -46,7 +46,9 @@ IMAGE_KEYS = ("image_latents", "image_grid")
 
 def preferred_resolutions() -> List[Tuple[int, int]]:
     """The ``(width, height)`` pixel sizes Kontext was trained at (diffusers' ``PREFERRED_KONTEXT_RESOLUTIONS``)."""
-    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+    from diffusers.pipelines.flux.pipeline_flux_kontext import (
+        PREFERRED_KONTEXT_RESOLUTIONS,
+    )
 
     return [tuple(r) for r in PREFERRED_KONTEXT_RESOLUTIONS]
 
@@ -69,21 +71,12 @@ class FluxKontextPolicy(FluxPolicy):
     def __init__(self, pipe, guidance_scale: Optional[float] = None, device=None, dtype: Optional[torch.dtype] = None,
                  height: Optional[int] = None, width: Optional[int] = None, true_cfg_scale: float = 1.0,
                  condition_size: Union[None, int, Sequence[int]] = None, **options):
-        """``condition_size``: None keeps the attribute (the class default None: preferred resolutions, or what
-        :meth:`from_pretrained` set); ``options``: those of :class:`FluxPolicy`."""
+        """``condition_size`` (``model.condition_size``): None keeps the class default (the pipeline's preferred
+        resolutions); ``options``: those of :class:`FluxPolicy`."""
         super().__init__(pipe, guidance_scale=guidance_scale, device=device, dtype=dtype, height=height, width=width,
                          true_cfg_scale=true_cfg_scale, **options)
         if condition_size is not None:
             self.condition_size = self._check_size(condition_size)
-
-    @classmethod
-    def from_pretrained(cls, model_id_or_path: str, *args, condition_size: Union[None, int, Sequence[int]] = None,
-                        **kw) -> "FluxKontextPolicy":
-        """:meth:`DiffusersPolicy.from_pretrained` plus ``condition_size`` (config ``model.condition_size``)."""
-        policy = super().from_pretrained(model_id_or_path, *args, **kw)
-        if condition_size is not None:
-            policy.condition_size = policy._check_size(condition_size)
-        return policy
 
     # ---------------------------------------------------------------- condition sizes
     @property

@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ._base import DiffusersPolicy, PackedLatents, flow_schedule
+from ._base import DiffusersPolicy, PackedLatents, flow_schedule, latent_channel_stats
 from .sd3 import SD3_LORA_TARGETS
 
 QWEN_IMAGE_LORA_TARGETS = SD3_LORA_TARGETS + ("img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj",
@@ -143,16 +143,6 @@ class QwenImagePolicy(PackedLatents, DiffusersPolicy):
         self._negative_cache = None  # encoded with the previous options
         self.__dict__.pop("_prompt_cache", None)
 
-    @classmethod
-    def from_pretrained(cls, model_id_or_path: str, device=None, dtype: Optional[torch.dtype] = None,
-                        true_cfg_scale: Optional[float] = None, max_sequence_length: Optional[int] = None,
-                        negative_prompt: Optional[str] = None, **kw):
-        """:meth:`DiffusersPolicy.from_pretrained` plus this adapter's ``true_cfg_scale``, ``max_sequence_length``
-        and ``negative_prompt`` (not passed on to diffusers)."""
-        policy = super().from_pretrained(model_id_or_path, device=device, dtype=dtype, **kw)
-        policy._set_options(true_cfg_scale, max_sequence_length, negative_prompt)
-        return policy
-
     # ---------------------------------------------------------------- latents (packed: PackedLatents)
     def _img_shapes(self, batch: int) -> List[List[Tuple[int, int, int]]]:
         """The transformer's ``img_shapes``: per sample, one frame of ``(1, h/2, w/2)`` patches."""
@@ -233,41 +223,19 @@ class QwenImagePolicy(PackedLatents, DiffusersPolicy):
         return guided * (torch.norm(pos, dim=-1, keepdim=True) / torch.norm(guided, dim=-1, keepdim=True))
 
     # ---------------------------------------------------------------- VAE
-    def _latent_stats(self, device, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The VAE's per-channel ``latents_mean`` and ``1 / latents_std``, shaped ``[1, C, 1, 1, 1]``."""
-        vae = self.pipe.vae
-        shape = (1, vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(vae.config.latents_mean).view(shape).to(device, dtype)
-        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(device, dtype)
-        return mean, inv_std
-
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``[B, 3, H, W]`` in [0, 1] at the policy's resolution -> packed latents ``[B, *latent_shape]``
-        float32: the mode of the VAE's latent distribution of the one-frame video, normalised as the diffusers
-        Qwen-Image image-to-image pipeline does (``(z - latents_mean) / latents_std``), which :meth:`decode` undoes."""
-        if tuple(images.shape[1:]) != (3, self.height, self.width):
-            raise ValueError(f"{type(self).__name__}.encode_images expects [B, 3, {self.height}, {self.width}] images, "
-                             f"got {tuple(images.shape)}")
+    def _vae_encode(self, images: torch.Tensor) -> torch.Tensor:
+        """The mode of the VAE's latent distribution of the one-frame video, normalised as the diffusers Qwen-Image
+        image-to-image pipeline does (``(z - latents_mean) / latents_std``), which :meth:`_vae_decode` undoes."""
         vae = self.pipe.vae
         video = (images * 2 - 1).to(self.device, vae.dtype)[:, :, None]  # [B, 3, 1, H, W]
         z = vae.encode(video).latent_dist.mode()
-        mean, inv_std = self._latent_stats(z.device, z.dtype)
-        return self._from_vae_latents(((z - mean) * inv_std).to(torch.float32))
+        mean, inv_std = latent_channel_stats(vae, z.device, z.dtype)
+        return ((z - mean) * inv_std).to(torch.float32)
 
-    def decode(self, latents: torch.Tensor, batch_size: Optional[int] = None) -> torch.Tensor:
-        """Latents ``[B, *latent_shape]`` -> images ``[B, 3, H, W]`` float32 in [0, 1], as the pipeline decodes.
-
-        Unpacks to ``[B, C, 1, h, w]``, undoes the VAE's per-channel normalisation (``z * latents_std +
-        latents_mean``), decodes and keeps the single frame. Runs with autograd as called; ``batch_size``
-        (default :attr:`decode_batch_size`) decodes in chunks of that many latents.
-        """
-        self._check_latents(latents)
-        chunk = batch_size or self.decode_batch_size
-        if chunk and latents.shape[0] > chunk:
-            return torch.cat([self.decode(part, chunk) for part in latents.split(int(chunk))])
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """As the pipeline decodes: unpacked to ``[B, C, 1, h, w]``, the per-channel normalisation undone
+        (``z * latents_std + latents_mean``), decoded, the single frame kept."""
         vae = self.pipe.vae
         z = self._vae_latents(latents).to(self.device, vae.dtype)
-        mean, inv_std = self._latent_stats(z.device, z.dtype)
-        image = vae.decode(z / inv_std + mean, return_dict=False)[0][:, :, 0]
-        return (image.to(torch.float32) / 2 + 0.5).clamp(0, 1)
+        mean, inv_std = latent_channel_stats(vae, z.device, z.dtype)
+        return vae.decode(z / inv_std + mean, return_dict=False)[0][:, :, 0]

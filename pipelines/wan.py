@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ._base import DiffusersPolicy, flow_schedule
+from ._base import DiffusersPolicy, flow_schedule, latent_channel_stats
 
 WAN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2")
 """Self-attention (``attn1``) and cross-attention (``attn2``) projections and the feed-forward layers of every
@@ -79,17 +79,6 @@ class WanPolicy(DiffusersPolicy):
                          height=height or self.default_height, width=width or self.default_width, **options)
         self.num_frames = self._check_num_frames(self.default_num_frames if num_frames is None else num_frames)
         self.flow_shift = None if flow_shift is None else float(flow_shift)
-
-    @classmethod
-    def from_pretrained(cls, model_id_or_path: str, device=None, dtype: Optional[torch.dtype] = None, *,
-                        num_frames: Optional[int] = None, flow_shift: Optional[float] = None, **kw):
-        """:meth:`DiffusersPolicy.from_pretrained` plus the video options ``num_frames`` and ``flow_shift``."""
-        policy = super().from_pretrained(model_id_or_path, device=device, dtype=dtype, **kw)
-        if num_frames is not None:
-            policy.num_frames = policy._check_num_frames(num_frames)
-        if flow_shift is not None:
-            policy.flow_shift = float(flow_shift)
-        return policy
 
     def _check_num_frames(self, num_frames: int) -> int:
         factor = int(self.pipe.vae_scale_factor_temporal)
@@ -154,18 +143,10 @@ class WanPolicy(DiffusersPolicy):
                                return_dict=False)[0]
 
     # ---------------------------------------------------------------- decoding
-    def decode(self, latents: torch.Tensor, batch_size: Optional[int] = None) -> torch.Tensor:
-        """Latents ``[B, C, F', h, w]`` -> videos ``[B, F, 3, H, W]`` float32 in [0, 1], as ``WanPipeline``
-        decodes them: ``z / (1 / latents_std) + latents_mean`` per channel, then the VAE. ``batch_size``
-        (default :attr:`decode_batch_size`) decodes that many videos per VAE call."""
-        self._check_latents(latents)
-        chunk = batch_size or self.decode_batch_size
-        if chunk and latents.shape[0] > chunk:
-            return torch.cat([self.decode(part, chunk) for part in latents.split(int(chunk))])
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents ``[B, C, F', h, w]`` -> videos ``[B, F, 3, H, W]`` in [-1, 1], as ``WanPipeline`` decodes them:
+        ``z / (1 / latents_std) + latents_mean`` per channel, then the VAE (:meth:`decode` maps them to [0, 1])."""
         vae = self.pipe.vae
         z = latents.to(self.device, vae.dtype)
-        shape = (1, vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(vae.config.latents_mean).view(shape).to(z.device, z.dtype)
-        inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(z.device, z.dtype)
-        video = vae.decode(z / inv_std + mean, return_dict=False)[0]  # [B, 3, F, H, W] in [-1, 1]
-        return (video.to(torch.float32) / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)
+        mean, inv_std = latent_channel_stats(vae, z.device, z.dtype)
+        return vae.decode(z / inv_std + mean, return_dict=False)[0].permute(0, 2, 1, 3, 4)  # [B, 3, F, H, W] -> F first

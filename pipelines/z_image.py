@@ -96,16 +96,6 @@ class ZImagePolicy(DiffusersPolicy):
         super().__init__(pipe, guidance_scale=guidance_scale, device=device, dtype=dtype, height=height, width=width,
                          **options)
 
-    @classmethod
-    def from_pretrained(cls, model_id_or_path: str, *args, cfg_normalization: float = 0.0, cfg_truncation: float = 1.0,
-                        max_sequence_length: Optional[int] = None, **kw):
-        """:meth:`DiffusersPolicy.from_pretrained` plus this adapter's options (see :meth:`__init__`)."""
-        policy = super().from_pretrained(model_id_or_path, *args, **kw)
-        policy.cfg_normalization, policy.cfg_truncation = float(cfg_normalization), float(cfg_truncation)
-        if max_sequence_length is not None:
-            policy.max_sequence_length = int(max_sequence_length)
-        return policy
-
     def _default_resolution(self) -> int:
         return self.default_resolution  # the pipeline's default (1024 px); the transformer has no sample_size
 

@@ -477,3 +477,23 @@ def test_group_preference_objective_trains_every_flow_adapter(tmp_path, prompts_
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params))
     assert all(torch.isfinite(torch.tensor(v)) for k, v in metrics.items() if isinstance(v, float))
     assert metrics["grad_norm"] > 0 and 0 < metrics["dgpo/sigmoid_margin"] < 1
+
+
+@pytest.mark.parametrize("overrides, refused", [
+    (["method=dgpo"], True),                                   # its margins use the base
+    (["method=dgpo", "dgpo.reference=old"], False),            # the EMA old policy instead
+    (["method=sft", "sft.sample_from=reference"], True),       # the base draws the samples
+    (["method=sft"], False),
+    (["method=diffusion_dpo"], True),
+])
+def test_full_fine_tuning_needs_a_reference_copy_when_the_method_uses_the_base(tmp_path, overrides, refused):
+    from genalign.trainer import Trainer
+
+    cfg = load_config("configs/digits.yaml", [f"output_dir={tmp_path}", "lora.enabled=false", "train.kl_beta=0",
+                                              "eval_prompts_file=null", *overrides])
+    if refused:
+        with pytest.raises(ConfigError, match=f"method {cfg.method} .* uses the reference policy, which full "
+                                              f"fine-tuning has no copy of"):
+            Trainer(cfg)
+    else:
+        assert Trainer(cfg).frozen_reference is None

@@ -17,17 +17,16 @@ Optional KL ``train.kl_beta`` in velocity (default) or latent space. No likeliho
 
 from __future__ import annotations
 
-
 import torch
 
 from .. import losses
 from .base import EpochBatch, register_objective
-from .forward import AdvantageWeighted, ForwardUnits, Noised, per_sample_mse
+from .forward import AdvantageWeighted, ForwardUnits, Noised
 
 
 def matching_log_likelihood(v: torch.Tensor, n: Noised, weighting: str = "uniform") -> torch.Tensor:
     """``-w(s) mean_e (v - (noise - x0))^2`` per unit ``[B]`` (AWM's log-likelihood surrogate)."""
-    mse = per_sample_mse(v, n.target())
+    mse = losses.per_sample_mse(v, n.target())
     w = {"uniform": torch.ones_like(n.s), "t": n.s, "t2": n.s ** 2}[weighting]
     return -w * mse
 

@@ -31,9 +31,10 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..losses import per_sample_mse
 from ..methods import mix_seed
 from .base import register_objective
-from .forward import AdvantageWeighted, ForwardUnits, per_sample_mse
+from .forward import AdvantageWeighted, ForwardUnits
 
 
 def group_margins(adv: torch.Tensor, loss: torch.Tensor, ref_loss: torch.Tensor, keys: torch.Tensor,

@@ -65,11 +65,6 @@ class Noised:
         return t.view(-1, *[1] * (self.x0.ndim - 1)).to(self.x0.dtype)
 
 
-def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``mean over elements of (a - b)^2`` per sample ``[B]``."""
-    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
-
-
 class ForwardProcessObjective(ObjectiveBase):
     """Base of the forward-process objectives (see the module docstring)."""
 
@@ -173,9 +168,8 @@ class ForwardProcessObjective(ObjectiveBase):
         r = torch.arange(len(rows), device=dev)
         j = js.to(dev)
         s, timesteps = sub.sigmas[r, j].float(), sub.timesteps[r, j]
-        out = Noised(sub, x0, noise, x0, s, timesteps)
-        out.x_t = (1 - out.expand(s)) * x0 + out.expand(s) * noise
-        return out
+        sb = s.view(-1, *[1] * (x0.ndim - 1))
+        return Noised(sub, x0, noise, (1 - sb) * x0 + sb * noise, s, timesteps)
 
     def velocity(self, n: Noised) -> torch.Tensor:
         """The policy's velocity at ``n.x_t`` (float32, with gradient when enabled)."""
@@ -220,4 +214,4 @@ class AdvantageWeighted(ForwardProcessObjective):
                 "adv/abs_mean": u.weight_global.abs().mean().item()}
 
 
-__all__ = ["AdvantageWeighted", "ForwardProcessObjective", "ForwardUnits", "Noised", "per_sample_mse"]
+__all__ = ["AdvantageWeighted", "ForwardProcessObjective", "ForwardUnits", "Noised"]

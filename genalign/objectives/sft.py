@@ -18,8 +18,9 @@ from typing import Dict
 
 import torch
 
+from ..losses import per_sample_mse
 from .base import EpochBatch, register_objective
-from .forward import ForwardProcessObjective, ForwardUnits, per_sample_mse
+from .forward import ForwardProcessObjective, ForwardUnits
 
 
 def top_k_mask(rewards: torch.Tensor, group_ids: torch.Tensor, k: int) -> torch.Tensor:
