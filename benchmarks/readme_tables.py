@@ -6,7 +6,8 @@ what this script generates from the JSON files in ``benchmarks/results/``.
 
 Tables: ``digits_default`` (the default run over seeds, ``digits_e2e.json``), ``compare_digits`` (methods over seeds, ``compare_digits.json``), ``ablation_digits`` (levers against
 reward hacking, ``ablation_digits.json``), ``tilt_digits`` (what reweighting the base reaches,
-``tilt_digits.json``).
+``tilt_digits.json``), and the same two for the patch-2 base evaluated with 40 ODE steps (``tilt_digits_p2``,
+``ablation_digits_p2``).
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ TABLES: Dict[str, tuple] = {
     "compare_digits": ("compare_digits.json", compare_table),
     "ablation_digits": ("ablation_digits.json", ablation_table),
     "tilt_digits": ("tilt_digits.json", tilt_table),
+    "tilt_digits_p2": ("tilt_digits_p2.json", tilt_table),
+    "ablation_digits_p2": ("ablation_digits_p2.json", ablation_table),
 }
 
 

@@ -6,10 +6,11 @@ resampling.
 ``w(x)`` 100 images per prompt are resampled without replacement with probabilities ``w / sum w`` and judged
 (prompt accuracy from the reward classifier; independent FD / diversity ratio / Vendi from the pixel-PCA judge,
 ``genalign/judge.py``). Weightings: none (the base), rejection (correct images only: the limit of every tilt),
-``exp(p / beta)`` and ``p^(1 / beta)`` (the log-probability reward) for several beta.
+``exp(p / beta)`` and ``p^(1 / beta)`` (the log-probability reward) for several beta. ``--model DIR`` measures
+another asset directory (e.g. one written by ``genalign pretrain-digits --patch-size 2``).
 
 Writes ``benchmarks/results/tilt_digits.json``; usage: ``OMP_NUM_THREADS=1 python benchmarks/tilt_digits.py
-[--pool 1000] [--steps 10]``.
+[--pool 1000] [--steps 10] [--model DIR] [--out FILE]``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main(argv=None) -> int:
     parser.add_argument("--pool", type=int, default=1000, help="base images per eval prompt")
     parser.add_argument("--keep", type=int, default=100, help="resampled images per eval prompt")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--model", default="digits", help="digits asset directory (default: the shipped model)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "tilt_digits.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -41,7 +43,7 @@ def main(argv=None) -> int:
 
     x_tr, _, x_te, y_te = load_split()
     pca, real = PixelPCA.fit((x_tr + 1) / 2), (x_te + 1) / 2
-    policy, _ = load_policy_with_loras("digits", [])
+    policy, _ = load_policy_with_loras(args.model, [])
     eval_prompts = read_prompts("digits:prompts_eval.txt")
     prompts, seeds = expand_jobs(eval_prompts, args.pool, 12345)
     images = sample_images(policy, prompts, seeds, num_steps=args.steps, batch_size=1000)

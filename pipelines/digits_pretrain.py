@@ -27,6 +27,9 @@ Metrics sample through :mod:`genalign.sampling`, the sampler of every genalign c
 the numbers do not depend on the batch size. ``--measure-only`` recomputes ``metrics.json`` for an existing
 asset directory without training (the model files are left untouched).
 
+Architecture: ``--patch-size 4`` (default, the shipped model: 4 image tokens) or ``2`` (16 image tokens, a closer fit
+at about twice the cost per step; README, "Aligning without collapse").
+
 Reproducibility: identical outputs for the same seed and the same number of torch threads (thread count
 changes float summation order). ``--threads 1`` is much faster than 2 on a machine shared with other jobs.
 
@@ -140,11 +143,13 @@ def train_classifier(x_tr, y_tr, x_te, y_te, seed: int = 0, epochs: int = 20, ba
 
 
 def train_generator(x_tr, y_tr, seed: int = 0, steps: int = 4000, batch_size: int = 256, lr: float = 1e-3,
-                    label_noise: float = 0.4, cond_dropout: float = 0.1, ema_decay: float = 0.999, log=print):
-    """Flow-matching training of transformer + prompt encoder; returns the EMA ``(transformer, encoder)``."""
+                    label_noise: float = 0.4, cond_dropout: float = 0.1, ema_decay: float = 0.999,
+                    patch_size: int = 4, log=print):
+    """Flow-matching training of transformer + prompt encoder; returns the EMA ``(transformer, encoder)``.
+    ``patch_size`` 4 (the shipped model: 4 image tokens) or 2 (16 tokens, about 2x the cost per step)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed + 1)
-    transformer = build_transformer()
+    transformer = build_transformer(patch_size=patch_size, pos_embed_max_size=8 // patch_size)
     encoder = PromptEncoder(vocabulary(), dim=transformer.config.joint_attention_dim)
     variants = pretraining_prompts()
     ids = torch.stack([encoder.tokenize(v) for v in variants])  # [10, V, L]
@@ -205,17 +210,18 @@ def prompt_accuracy(policy, classifier, prompts: Sequence[str], num_per_prompt: 
 # ---------------------------------------------------------------------------------------------- entry points
 def pretrain(out_dir: str, seed: int = 0, generator_steps: int = 4000, classifier_epochs: int = 20,
              label_noise: float = 0.4, guidance_scale: float = DEFAULT_SAMPLING["guidance_scale"],
-             num_steps: int = DEFAULT_SAMPLING["num_steps"], log=print) -> dict:
+             num_steps: int = DEFAULT_SAMPLING["num_steps"], patch_size: int = 4, log=print) -> dict:
     """Train classifier + generator and write the asset directory ``out_dir``; returns the metrics."""
     start = time.time()
     x_tr, y_tr, x_te, y_te = load_split()
     classifier, clf_acc = train_classifier(x_tr, y_tr, x_te, y_te, seed=seed, epochs=classifier_epochs, log=log)
     transformer, encoder = train_generator(x_tr, y_tr, seed=seed, steps=generator_steps, label_noise=label_noise,
-                                           log=log)
+                                           patch_size=patch_size, log=log)
     config = {**DEFAULT_SAMPLING, "num_steps": num_steps, "guidance_scale": guidance_scale,
               "schedule": "uniform sigmas linspace(1, 0, num_steps + 1), timesteps = 1000 * sigma",
               "pretrain": {"seed": seed, "generator_steps": generator_steps, "label_noise": label_noise,
-                           "classifier_epochs": classifier_epochs, "torch_threads": torch.get_num_threads()}}
+                           "classifier_epochs": classifier_epochs, "patch_size": patch_size,
+                           "torch_threads": torch.get_num_threads()}}
     policy = DigitsPolicy(transformer, encoder, config)
     policy.save_pretrained(out_dir)
     classifier.save_pretrained(out_dir, extra={"held_out_accuracy": clf_acc, "input": "[N,1,8,8] in [-1,1]"})
@@ -290,6 +296,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--label-noise", type=float, default=0.4, help="fraction of prompts naming a random digit")
     parser.add_argument("--guidance-scale", type=float, default=DEFAULT_SAMPLING["guidance_scale"],
                         help="default CFG scale written to policy.json")
+    parser.add_argument("--patch-size", type=int, default=4, choices=(1, 2, 4, 8),
+                        help="transformer patch size: 4 = the shipped model (4 image tokens); 2 = 16 tokens, a closer "
+                             "fit at about 2x the cost (README, 'What the digits default can and cannot reach')")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--measure-only", action="store_true",
                         help="do not train: recompute DIR/metrics.json for the assets already in --out")
@@ -300,5 +309,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         measure(args.out)
         return 0
     pretrain(args.out, seed=args.seed, generator_steps=args.generator_steps, label_noise=args.label_noise,
-             guidance_scale=args.guidance_scale)
+             guidance_scale=args.guidance_scale, patch_size=args.patch_size)
     return 0

@@ -149,3 +149,24 @@ def test_reward_on_real_digits():
     big = torch.nn.functional.interpolate(images, size=(32, 32), mode="nearest")
     assert torch.allclose(digit_correct(big, right, None)["score"], reward(images=images, prompts=right)["score"])
     assert reward.features(images).shape == (64, 128)
+
+
+@pytest.mark.parametrize("patch_size", [2, 4])
+def test_pretrain_generator_patch_size_round_trips(patch_size, tmp_path):
+    """``pretrain-digits --patch-size``: the transformer gets that patch size (4 = the shipped model's
+    architecture, 2 = 16 image tokens), and the asset directory reloads it with identical outputs."""
+    from genalign.pipelines.digits_pretrain import train_generator
+
+    x_tr, y_tr, _, _ = load_split()
+    tr, enc = train_generator(x_tr[:64], y_tr[:64], steps=2, batch_size=8, patch_size=patch_size, log=lambda *a: None)
+    assert tr.config.patch_size == patch_size and tr.config.pos_embed_max_size == 8 // patch_size
+    shipped = DigitsPolicy.from_pretrained("digits", device="cpu").transformer.config
+    if patch_size == 4:  # the default builds the shipped architecture
+        assert (shipped.patch_size, shipped.pos_embed_max_size) == (4, 2)
+    policy = DigitsPolicy(tr, enc, {"num_steps": 2, "guidance_scale": 1.0})
+    policy.save_pretrained(str(tmp_path))
+    again = DigitsPolicy.from_pretrained(str(tmp_path), device="cpu")
+    assert again.transformer.config.patch_size == patch_size
+    jobs, seeds = expand_jobs(["the number one"], 2, 0)
+    a, b = (sample_images(p, jobs, seeds, num_steps=2) for p in (policy, again))
+    assert a.shape == (2, 3, 8, 8) and torch.equal(a, b)
