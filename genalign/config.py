@@ -577,7 +577,8 @@ class Config:
         digits_model = m == "digits" or os.path.isfile(os.path.join(m, "policy.json"))
         if f is not None and f.startswith("digits:") and not digits_model:
             raise ConfigError(
-                f"eval_prompts_file = {f!r} is a digits prompt file but model.id = {m!r} is not the digits model: "
+                f"eval_prompts_file = {f!r} is a digits prompt file but model.id = {m!r} is not the digits model "
+                f"('digits' or a directory holding the digits policy.json; {os.path.join(m, 'policy.json')!r} not found): "
                 f"set eval_prompts_file to this task's evaluation prompts (e.g. prompts:pickscore_eval.txt) or to "
                 f"null to disable evaluation")
 
