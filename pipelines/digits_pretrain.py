@@ -149,7 +149,7 @@ def train_generator(x_tr, y_tr, seed: int = 0, steps: int = 4000, batch_size: in
     ``patch_size`` 4 (the shipped model: 4 image tokens) or 2 (16 tokens, about 2x the cost per step)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed + 1)
-    transformer = build_transformer(patch_size=patch_size, pos_embed_max_size=8 // patch_size)
+    transformer = build_transformer(patch_size=patch_size)
     encoder = PromptEncoder(vocabulary(), dim=transformer.config.joint_attention_dim)
     variants = pretraining_prompts()
     ids = torch.stack([encoder.tokenize(v) for v in variants])  # [10, V, L]
@@ -298,7 +298,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="default CFG scale written to policy.json")
     parser.add_argument("--patch-size", type=int, default=4, choices=(1, 2, 4, 8),
                         help="transformer patch size: 4 = the shipped model (4 image tokens); 2 = 16 tokens, a closer "
-                             "fit at about 2x the cost (README, 'What the digits default can and cannot reach')")
+                             "fit at about 2x the cost (README, 'Aligning without collapse')")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--measure-only", action="store_true",
                         help="do not train: recompute DIR/metrics.json for the assets already in --out")

@@ -43,12 +43,12 @@ def test_dry_run_of_every_shipped_config(path, capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(plugins, "policy_class", no_model)
     spec = yaml.safe_load(path.read_text())
     if "base" in spec:  # a benchmark spec (benchmarks/compare_digits.py): dry-run each of its method configs
-        for o in spec.get("overrides", []):  # a digits model the spec's header says to build (pretrain-digits)
-            model = o.split("=", 1)[1] if o.startswith("model.id=") else "digits"
-            if model != "digits" and not os.path.isabs(model):  # the same here and on a clean checkout
-                monkeypatch.chdir(tmp_path)
-                os.makedirs(model)
-                shutil.copy(os.path.join(resolve_digits_dir("digits"), "policy.json"), model)
+        # a digits model the spec's header says to build (pretrain-digits): a stand-in, here as on a clean checkout
+        model = next((o.split("=", 1)[1] for o in spec.get("overrides", []) if o.startswith("model.id=")), "digits")
+        if model != "digits" and not os.path.isabs(model):
+            monkeypatch.chdir(tmp_path)
+            os.makedirs(model)
+            shutil.copy(os.path.join(resolve_digits_dir("digits"), "policy.json"), model)
         for extra in spec["methods"].values():
             assert cli.main(["config", str(ROOT / spec["base"]), *spec.get("overrides", []), *extra]) == 0, extra
         return
