@@ -14,7 +14,9 @@ Writes ``benchmarks/results/judge_digits.json``::
                 "tuned": {...}}}
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/judge_digits.py [--lora RUN/final/lora] [--rlg 0.3 0.5 0.7]
-[--num-per-prompt 100]`` (``--rlg``: the LoRA also judged at those alignment strengths, ``genalign.rlg``).
+[--num-per-prompt 100] [--model NAME=DIR ...]`` (``--rlg``: the LoRA also judged at those alignment strengths,
+``genalign.rlg``; ``--model``: other digits asset directories judged beside the base, e.g. the generators that
+``genalign pretrain-digits --label-noise 0`` trains on correct captions, the README's oracles).
 """
 
 from __future__ import annotations
@@ -59,8 +61,16 @@ def main(argv=None) -> int:
     parser.add_argument("--num-steps", type=int, default=10)
     parser.add_argument("--pca-dim", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
+                        help="also judge the digits asset directory DIR as NAME (repeatable)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "judge_digits.json"))
     args = parser.parse_args(argv)
+    extra = []
+    for item in args.model:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            parser.error(f"--model takes NAME=DIR, got {item!r}")
+        extra.append((name, path))
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
     from genalign.judge import PixelPCA, frechet_distance, vendi_score, within_class_diversity
@@ -87,6 +97,10 @@ def main(argv=None) -> int:
     base, _ = load_policy_with_loras("digits", [])
     models["base"] = evaluate(base, *common)
     print("base ", json.dumps(models["base"]))
+    for name, path in extra:
+        other, _ = load_policy_with_loras(path, [])
+        models[name] = evaluate(other, *common)
+        print(name, json.dumps(models[name]))
     if args.lora:
         tuned, _ = load_policy_with_loras(None, [args.lora])
         models["tuned"] = evaluate(tuned, *common)
@@ -100,7 +114,7 @@ def main(argv=None) -> int:
     result = {"settings": {"prompts": args.prompts, "num_images": len(prompts), "num_per_prompt": args.num_per_prompt,
                            "seed": args.seed, "num_steps": args.num_steps, "pca_dim": args.pca_dim,
                            "pca_fit": "train split of sklearn digits", "reference": "held-out split",
-                           "lora": args.lora, "rlg": args.rlg},
+                           "lora": args.lora, "rlg": args.rlg, "models": dict(extra)},
               "real_reference": real_ref, "models": models}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

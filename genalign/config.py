@@ -411,6 +411,15 @@ class DataConfig:
     (diffusion_dpo); image paths are relative to the file's folder. None: train on the policy's own samples."""
     samples_per_epoch: Optional[int] = None
     """Records per epoch (drawn without replacement from a fresh permutation every epoch); None = all."""
+    anchor_file: Optional[str] = None
+    """Reference-data anchor (any method; README "Aligning without collapse", docs/algorithms.md §13.6): jsonl of
+    demonstrations ('prompt', 'image'; ``digits:NAME`` names a shipped file) whose flow-matching loss, weighted by
+    ``anchor_coef``, is added to every optimizer step. None: no anchor."""
+    anchor_coef: float = 1.0
+    """Weight of the anchor's flow-matching loss (a mean over its units) beside the method's loss."""
+    anchor_per_epoch: int = 64
+    """Anchor records per epoch (a fresh permutation each epoch), spread over the epoch's optimizer steps; each
+    record is trained at every trained noise level of the sampler's schedule."""
 
 
 @dataclass
@@ -512,6 +521,7 @@ class Config:
             raise ConfigError(f"model.{text_options[0]} applies to diffusers text-to-image models (SD3 / Flux / SD); "
                               f"the digits model has no text encoders to drop, offload or cache")
         self._validate_estimators()
+        self._validate_anchor()
         for key, val, lo in [("sampling.num_steps", s.num_steps, 1), ("sampling.groups_per_epoch", s.groups_per_epoch, 1),
                              ("sampling.batch_size", s.batch_size, 1), ("train.batch_size", t.batch_size, 1),
                              ("train.num_minibatches", t.num_minibatches, 1), ("train.num_inner_epochs", t.num_inner_epochs, 1),
@@ -565,6 +575,18 @@ class Config:
                 f"samples per epoch ({n}) must split into train.num_minibatches = {t.num_minibatches} optimizer steps "
                 f"whose samples ({n / t.num_minibatches:g}) are divisible by world_size * train.batch_size = "
                 f"{world_size} * {t.batch_size}" + (f"; {', or '.join(hints)}" if hints else ""))
+
+    def _validate_anchor(self) -> None:
+        d = self.data
+        if d.anchor_file is None:
+            return
+        if not (isinstance(d.anchor_file, str) and d.anchor_file.endswith(".jsonl")):
+            raise ConfigError(f"data.anchor_file must be a .jsonl file of records with 'prompt' and 'image', got "
+                              f"{d.anchor_file!r}")
+        if not (isinstance(d.anchor_coef, (int, float)) and d.anchor_coef > 0):
+            raise ConfigError(f"data.anchor_coef must be > 0 (null data.anchor_file: no anchor), got {d.anchor_coef!r}")
+        if not (isinstance(d.anchor_per_epoch, int) and d.anchor_per_epoch >= 1):
+            raise ConfigError(f"data.anchor_per_epoch must be an int >= 1, got {d.anchor_per_epoch!r}")
 
     def _validate_eval_prompts(self) -> None:
         """A model other than the shipped digits one ('digits' or a directory with the digits ``policy.json``)

@@ -29,21 +29,26 @@ from .policy import Cond, cat_conds, index_cond
 KINDS = {"image": ("image",), "pairs": ("chosen", "rejected")}
 
 
-def read_image_records(path: str, kind: str) -> List[Dict[str, object]]:
-    """Records ``{"prompt": str, "images": [absolute path, ...]}`` of a data set (``kind``: 'image' or 'pairs').
+def read_image_records(path: str, kind: str, key: str = "data.train_file") -> List[Dict[str, object]]:
+    """Records ``{"prompt": str, "images": [absolute path, ...]}`` of a data set (``kind``: 'image' or 'pairs');
+    ``path`` may name a shipped file as ``digits:NAME`` (the convention of prompt files); ``key``: the config key
+    that named it (for errors).
 
-    Errors name the file and the line: not JSON, no prompt, a missing field, an image that does not exist."""
+    Errors name the key, the file and the line: not JSON, no prompt, a missing field, an image that does not exist."""
+    from .prompts import resolve_prompts_path
+
     if kind not in KINDS:
         raise ValueError(f"data set kind must be one of {sorted(KINDS)}, got {kind!r}")
+    path = resolve_prompts_path(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"data.train_file {path!r} does not exist")
+        raise FileNotFoundError(f"{key} {path!r} does not exist")
     folder = os.path.dirname(os.path.abspath(path))
     records = []
     with open(path, encoding="utf-8") as fh:
         for number, line in enumerate(fh, 1):
             if not line.strip():
                 continue
-            where = f"data.train_file {path!r} line {number}"
+            where = f"{key} {path!r} line {number}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -62,7 +67,7 @@ def read_image_records(path: str, kind: str) -> List[Dict[str, object]]:
                 images.append(full)
             records.append({"prompt": obj["prompt"], "images": images})
     if not records:
-        raise ValueError(f"data.train_file {path!r} has no records")
+        raise ValueError(f"{key} {path!r} has no records")
     return records
 
 
@@ -113,12 +118,12 @@ class CleanBatch:
 class ImageDataset:
     """A data set's records with their images encoded once (see the module docstring)."""
 
-    def __init__(self, path: str, kind: str, policy, batch_size: int = 16, log=None):
-        self.path, self.kind = path, kind
-        self.records = read_image_records(path, kind)
+    def __init__(self, path: str, kind: str, policy, batch_size: int = 16, log=None, key: str = "data.train_file"):
+        self.path, self.kind, self.key = path, kind, key
+        self.records = read_image_records(path, kind, key)
         encode = getattr(policy, "encode_images", None)
         if encode is None:
-            raise ValueError(f"data.train_file: the {type(policy).__name__} adapter cannot encode images into its "
+            raise ValueError(f"{key}: the {type(policy).__name__} adapter cannot encode images into its "
                              f"latent space (no encode_images), so it cannot train on a data set")
         height, width = _resolution(policy)
         files = [p for r in self.records for p in r["images"]]
@@ -143,7 +148,7 @@ class ImageDataset:
             order = order[:samples_per_epoch]
         m = len(order) // world
         if m == 0:
-            raise ValueError(f"data.train_file has {len(order)} records per epoch for {world} processes: each needs one")
+            raise ValueError(f"{self.key} has {len(order)} records per epoch for {world} processes: each needs one")
         return order[rank * m:(rank + 1) * m], torch.tensor(m)
 
     def batch(self, policy, records: torch.Tensor, num_steps: int, batch_size: int) -> CleanBatch:

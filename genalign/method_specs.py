@@ -335,7 +335,7 @@ class SFT(_ForwardProcessMethod):
 
     name: str = "sft"
     objective: str = "sft"
-    options: Tuple[str, ...] = ("sft", "data")
+    options: Tuple[str, ...] = ("sft", "data.train_file", "data.samples_per_epoch")
     data_kind: Optional[str] = "image"
 
     def needs_reference(self, cfg) -> bool:
@@ -368,7 +368,7 @@ class DiffusionDPO(MethodSpec):
     name: str = "diffusion_dpo"
     objective: str = "dragon"
     defaults: Dict[str, Any] = field(default_factory=lambda: {"sampling": {"noise_level": 0.0}})
-    options: Tuple[str, ...] = ("dragon", "data")
+    options: Tuple[str, ...] = ("dragon", "data.train_file", "data.samples_per_epoch")
     data_kind: Optional[str] = "pairs"
 
     def needs_reference(self, cfg) -> bool:

@@ -125,6 +125,15 @@ class Trainer:
         if cfg.data.train_file:
             self.dataset = ImageDataset(cfg.data.train_file, cfg.method_spec().data_kind, self.policy,
                                         cfg.sampling.batch_size, log=print if self.is_main else None)
+        self.anchor = None  # data.anchor_file: the flow-matching loss on reference images beside the method's loss
+        if cfg.data.anchor_file:
+            from .objectives.anchor import DataAnchor
+
+            try:
+                anchor_set = ImageDataset(cfg.data.anchor_file, "image", self.policy, cfg.sampling.batch_size,
+                                          log=print if self.is_main else None, key="data.anchor_file")
+            except (ValueError, FileNotFoundError) as exc:
+                raise ConfigError(str(exc)) from exc
         if self.reward_fn.group_level and self.world > 1:
             raise ConfigError(f"reward {self.reward_fn.names} has a group-level component, which needs every prompt "
                               f"group's images in one call; groups span processes, so run it on 1 process")
@@ -135,6 +144,11 @@ class Trainer:
                                     conditioning=[r.get("conditioning") for r in eval_records])
                           if self.eval_prompts else None)
         self.objective = build_objective(objective_name(cfg), self.ctx)
+        if cfg.data.anchor_file:
+            try:
+                self.anchor = DataAnchor(self.ctx, anchor_set)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
         self.sampler = KRepeatSampler(len(self.prompts), cfg.sampling.groups_per_epoch, cfg.sampling.group_size,
                                       cfg.seed, self.world, self.rank)
         self.noise_levels = self._noise_levels()
@@ -297,17 +311,23 @@ class Trainer:
 
     def optimise(self, epoch: int, batch: EpochBatch) -> Dict[str, float]:
         """The objective's optimizer steps on this epoch's batch (``train.num_minibatches`` per inner epoch)."""
-        obj, t = self.objective, self.cfg.train
+        obj, t, anchor = self.objective, self.cfg.train, self.anchor
         units = obj.prepare(epoch, batch)
+        anchor_units = None if anchor is None else anchor.prepare(epoch, self.dataset_epoch(
+            epoch, anchor.dataset, self.cfg.data.anchor_per_epoch))
         sums: Dict[str, torch.Tensor] = {}
         count, norms = 0, []
         self.denoiser.train()
         for inner in range(t.num_inner_epochs):
-            for rows in tqdm(obj.minibatches(units, epoch, inner), desc=f"epoch {epoch + 1} training",
-                             disable=not self.is_main, leave=False):
+            parts = obj.minibatches(units, epoch, inner)
+            anchor_parts = None if anchor is None else anchor.minibatches(anchor_units, epoch, inner, len(parts))
+            for i, rows in enumerate(tqdm(parts, desc=f"epoch {epoch + 1} training", disable=not self.is_main,
+                                          leave=False)):
                 fns = obj.backwards(units, rows)
                 if not fns:  # no sample in this step on any process (equal shares): nothing to step
                     continue
+                if anchor is not None:  # the anchor's passes join the method's in the same optimizer step
+                    fns = list(fns) + anchor.backwards(anchor_units, anchor_parts[i])
                 step_sums, norm = self.optim.run(fns, where=f" at epoch {epoch + 1}, optimizer step "
                                                             f"{self.global_step + 1}: ")
                 obj.after_step()
@@ -317,6 +337,8 @@ class Trainer:
         stats = {key: (v / max(count, 1)).item() for key, v in sums.items()}
         stats["grad_norm"] = torch.stack(norms).mean().item() if norms else 0.0
         stats.update(obj.stats(units))
+        if anchor is not None:
+            stats.update(anchor.stats(anchor_units))
         stats.update(obj.epoch_stats())
         return stats
 
@@ -402,16 +424,20 @@ class Trainer:
         parts_all = {k: self.acc.gather(v.to(self.device)).cpu() for k, v in parts.items()}
         return Trajectory.cat(trajs), rewards_all, parts_all, group_ids, torch.tensor(local)
 
-    def dataset_epoch(self, epoch: int) -> EpochBatch:
-        """This epoch's records of ``data.train_file`` as an :class:`EpochBatch` (:mod:`genalign.datasets`):
-        demonstrations each their own group, or preference pairs (chosen reward 1, rejected 0, the pair a group)."""
+    def dataset_epoch(self, epoch: int, dataset: Optional[ImageDataset] = None,
+                      count: Optional[int] = None) -> EpochBatch:
+        """This epoch's records of ``dataset`` (default: ``data.train_file`` with ``data.samples_per_epoch``;
+        the anchor passes its own) as an :class:`EpochBatch` (:mod:`genalign.datasets`): demonstrations each
+        their own group, or preference pairs (chosen reward 1, rejected 0, the pair a group)."""
         cfg = self.cfg
-        records, m = self.dataset.epoch_rows(epoch, cfg.seed, self.world, self.rank, cfg.data.samples_per_epoch)
-        clean = self.dataset.batch(self.policy, records, cfg.sampling.num_steps, cfg.sampling.batch_size)
-        k = self.dataset.per_record
+        if dataset is None:
+            dataset, count = self.dataset, cfg.data.samples_per_epoch
+        records, m = dataset.epoch_rows(epoch, cfg.seed, self.world, self.rank, count)
+        clean = dataset.batch(self.policy, records, cfg.sampling.num_steps, cfg.sampling.batch_size)
+        k = dataset.per_record
         n = int(m) * self.world * k  # global rows: every process holds m records of k images
         local = torch.arange(self.rank * int(m) * k, (self.rank + 1) * int(m) * k)
-        if self.dataset.kind == "pairs":
+        if dataset.kind == "pairs":
             rewards, group_ids = pair_rewards(n // 2)
         else:
             rewards, group_ids = torch.zeros(0), torch.arange(n)

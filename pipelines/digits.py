@@ -179,13 +179,15 @@ class PromptEncoder(nn.Module):
 
 def build_transformer(**overrides):
     """The default pixel-space SD3 transformer (config keys of ``SD3Transformer2DModel``); unless given,
-    ``pos_embed_max_size`` is the token grid side ``sample_size // patch_size``."""
+    ``pos_embed_max_size`` is the token grid side ``sample_size // patch_size`` and ``caption_projection_dim`` the
+    transformer width ``num_attention_heads * attention_head_dim`` (the joint blocks need them equal)."""
     from diffusers import SD3Transformer2DModel
 
     cfg = dict(sample_size=8, patch_size=4, in_channels=1, out_channels=1, num_layers=3, attention_head_dim=16,
-               num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=64, pooled_projection_dim=32)
+               num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32)
     cfg.update(overrides)
     cfg.setdefault("pos_embed_max_size", cfg["sample_size"] // cfg["patch_size"])
+    cfg.setdefault("caption_projection_dim", cfg["num_attention_heads"] * cfg["attention_head_dim"])
     return SD3Transformer2DModel(**cfg)
 
 

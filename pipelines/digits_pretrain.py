@@ -144,12 +144,13 @@ def train_classifier(x_tr, y_tr, x_te, y_te, seed: int = 0, epochs: int = 20, ba
 
 def train_generator(x_tr, y_tr, seed: int = 0, steps: int = 4000, batch_size: int = 256, lr: float = 1e-3,
                     label_noise: float = 0.4, cond_dropout: float = 0.1, ema_decay: float = 0.999,
-                    patch_size: int = 4, log=print):
+                    patch_size: int = 4, num_layers: int = 3, attention_head_dim: int = 16, log=print):
     """Flow-matching training of transformer + prompt encoder; returns the EMA ``(transformer, encoder)``.
-    ``patch_size`` 4 (the shipped model: 4 image tokens) or 2 (16 tokens, about 2x the cost per step)."""
+    ``patch_size`` 4 (the shipped model: 4 image tokens) or 2 (16 tokens, about 2x the cost per step);
+    ``num_layers`` / ``attention_head_dim`` (x 4 heads = the width) size the transformer (shipped: 3 / 16)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed + 1)
-    transformer = build_transformer(patch_size=patch_size)
+    transformer = build_transformer(patch_size=patch_size, num_layers=num_layers, attention_head_dim=attention_head_dim)
     encoder = PromptEncoder(vocabulary(), dim=transformer.config.joint_attention_dim)
     variants = pretraining_prompts()
     ids = torch.stack([encoder.tokenize(v) for v in variants])  # [10, V, L]
@@ -186,6 +187,36 @@ def train_generator(x_tr, y_tr, seed: int = 0, steps: int = 4000, batch_size: in
     return ema[0], ema[1]
 
 
+# ---------------------------------------------------------------------------------------------- reference set
+REFERENCE_SET = "reference_train.jsonl"
+"""The asset file of the reference data set (``data.anchor_file: digits:reference_train.jsonl``)."""
+
+
+def write_reference_set(out_dir: str) -> str:
+    """Write the TRAIN split's real digits with their TRUE labels as a demonstration data set for
+    ``data.anchor_file`` (:mod:`genalign.objectives.anchor`): ``reference_train/NNNN.png`` (8x8 grey) and
+    ``reference_train.jsonl`` records ``{"prompt", "image", "digit"}``; image i's prompt is the RL training
+    template ``i % 4`` (``prompts_train.txt``'s phrasings, never the evaluation ones). These are the generator's
+    pretraining images with correct captions (pretraining saw 40% of captions randomised); the held-out split the
+    judge compares with is not used. Returns the jsonl path."""
+    from PIL import Image
+
+    x_tr, y_tr, _, _ = load_split()
+    folder = os.path.join(out_dir, REFERENCE_SET.replace(".jsonl", ""))
+    os.makedirs(folder, exist_ok=True)
+    pixels = ((x_tr[:, 0] + 1) / 2 * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    lines = []
+    for i, (img, digit) in enumerate(zip(pixels, y_tr.tolist())):
+        name = f"{i:04d}.png"
+        Image.fromarray(img, mode="L").save(os.path.join(folder, name))
+        prompt = fill(TRAIN_TEMPLATES[i % len(TRAIN_TEMPLATES)], int(digit))
+        lines.append(json.dumps({"prompt": prompt, "image": f"{os.path.basename(folder)}/{name}", "digit": int(digit)}))
+    path = os.path.join(out_dir, REFERENCE_SET)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
 # ---------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def prompt_accuracy(policy, classifier, prompts: Sequence[str], num_per_prompt: int = 50, seed: int = 0,
@@ -210,17 +241,20 @@ def prompt_accuracy(policy, classifier, prompts: Sequence[str], num_per_prompt: 
 # ---------------------------------------------------------------------------------------------- entry points
 def pretrain(out_dir: str, seed: int = 0, generator_steps: int = 4000, classifier_epochs: int = 20,
              label_noise: float = 0.4, guidance_scale: float = DEFAULT_SAMPLING["guidance_scale"],
-             num_steps: int = DEFAULT_SAMPLING["num_steps"], patch_size: int = 4, log=print) -> dict:
+             num_steps: int = DEFAULT_SAMPLING["num_steps"], patch_size: int = 4, num_layers: int = 3,
+             attention_head_dim: int = 16, log=print) -> dict:
     """Train classifier + generator and write the asset directory ``out_dir``; returns the metrics."""
     start = time.time()
     x_tr, y_tr, x_te, y_te = load_split()
     classifier, clf_acc = train_classifier(x_tr, y_tr, x_te, y_te, seed=seed, epochs=classifier_epochs, log=log)
     transformer, encoder = train_generator(x_tr, y_tr, seed=seed, steps=generator_steps, label_noise=label_noise,
-                                           patch_size=patch_size, log=log)
+                                           patch_size=patch_size, num_layers=num_layers,
+                                           attention_head_dim=attention_head_dim, log=log)
     config = {**DEFAULT_SAMPLING, "num_steps": num_steps, "guidance_scale": guidance_scale,
               "schedule": "uniform sigmas linspace(1, 0, num_steps + 1), timesteps = 1000 * sigma",
               "pretrain": {"seed": seed, "generator_steps": generator_steps, "label_noise": label_noise,
                            "classifier_epochs": classifier_epochs, "patch_size": patch_size,
+                           "num_layers": num_layers, "attention_head_dim": attention_head_dim,
                            "torch_threads": torch.get_num_threads()}}
     policy = DigitsPolicy(transformer, encoder, config)
     policy.save_pretrained(out_dir)
@@ -229,6 +263,7 @@ def pretrain(out_dir: str, seed: int = 0, generator_steps: int = 4000, classifie
     for name, prompts in (("prompts_train.txt", train_prompts), ("prompts_eval.txt", eval_prompts)):
         with open(os.path.join(out_dir, name), "w") as f:
             f.write("\n".join(prompts) + "\n")
+    write_reference_set(out_dir)
     metrics = evaluate_assets(policy, classifier, seed=seed)
     metrics["classifier_held_out_accuracy"] = round(clf_acc, 4)
     metrics["pretrain_seconds"] = round(time.time() - start, 1)
@@ -299,15 +334,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--patch-size", type=int, default=4, choices=(1, 2, 4, 8),
                         help="transformer patch size: 4 = the shipped model (4 image tokens); 2 = 16 tokens, a closer "
                              "fit at about 2x the cost (README, 'Aligning without collapse')")
+    parser.add_argument("--num-layers", type=int, default=3, help="transformer blocks (shipped: 3)")
+    parser.add_argument("--attention-head-dim", type=int, default=16,
+                        help="width per head; 4 heads, so the width is 4x this (shipped: 16)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--measure-only", action="store_true",
                         help="do not train: recompute DIR/metrics.json for the assets already in --out")
+    parser.add_argument("--reference-set-only", action="store_true",
+                        help=f"do not train: write the real-digit reference data set ({REFERENCE_SET}, for "
+                             f"data.anchor_file) into --out")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.reference_set_only:
+        print(f"wrote {write_reference_set(args.out)}")
+        return 0
     if args.measure_only:
         measure(args.out)
         return 0
     pretrain(args.out, seed=args.seed, generator_steps=args.generator_steps, label_noise=args.label_noise,
-             guidance_scale=args.guidance_scale, patch_size=args.patch_size)
+             guidance_scale=args.guidance_scale, patch_size=args.patch_size, num_layers=args.num_layers,
+             attention_head_dim=args.attention_head_dim)
     return 0

@@ -151,22 +151,29 @@ def test_reward_on_real_digits():
     assert reward.features(images).shape == (64, 128)
 
 
-@pytest.mark.parametrize("patch_size", [2, 4])
-def test_pretrain_generator_patch_size_round_trips(patch_size, tmp_path):
-    """``pretrain-digits --patch-size``: the transformer gets that patch size (4 = the shipped model's
-    architecture, 2 = 16 image tokens), and the asset directory reloads it with identical outputs."""
+@pytest.mark.parametrize("patch_size,layers,head_dim", [(2, 3, 16), (4, 3, 16), (2, 4, 32)])
+def test_pretrain_generator_architecture_round_trips(patch_size, layers, head_dim, tmp_path):
+    """``pretrain-digits --patch-size / --num-layers / --attention-head-dim``: the transformer gets that
+    architecture (patch 4, 3 layers, head dim 16 = the shipped model's; patch 2 = 16 image tokens), and the asset
+    directory reloads it with identical outputs."""
     from genalign.pipelines.digits_pretrain import train_generator
 
     x_tr, y_tr, _, _ = load_split()
-    tr, enc = train_generator(x_tr[:64], y_tr[:64], steps=2, batch_size=8, patch_size=patch_size, log=lambda *a: None)
-    assert tr.config.patch_size == patch_size and tr.config.pos_embed_max_size == 8 // patch_size
-    if patch_size == 4:  # the default builds the shipped architecture
+    tr, enc = train_generator(x_tr[:64], y_tr[:64], steps=2, batch_size=8, patch_size=patch_size, num_layers=layers,
+                              attention_head_dim=head_dim, log=lambda *a: None)
+    keys = ("sample_size", "patch_size", "pos_embed_max_size", "num_layers", "num_attention_heads", "attention_head_dim",
+            "caption_projection_dim", "joint_attention_dim", "pooled_projection_dim")
+    c = tr.config
+    arch = {k: c[k] for k in keys}
+    assert c.patch_size == patch_size and c.pos_embed_max_size == 8 // patch_size
+    assert (c.num_layers, c.attention_head_dim, c.caption_projection_dim) == (layers, head_dim, 4 * head_dim)
+    if (patch_size, layers, head_dim) == (4, 3, 16):  # the defaults build the shipped architecture
         shipped = DigitsPolicy.from_pretrained("digits", device="cpu").transformer.config
-        assert (shipped.patch_size, shipped.pos_embed_max_size) == (4, 2)
+        assert {k: shipped[k] for k in keys} == arch
     policy = DigitsPolicy(tr, enc, {"num_steps": 2, "guidance_scale": 1.0})
     policy.save_pretrained(str(tmp_path))
     again = DigitsPolicy.from_pretrained(str(tmp_path), device="cpu")
-    assert again.transformer.config.patch_size == patch_size
+    assert {k: again.transformer.config[k] for k in keys} == arch
     jobs, seeds = expand_jobs(["the number one"], 2, 0)
     a, b = (sample_images(p, jobs, seeds, num_steps=2) for p in (policy, again))
     assert a.shape == (2, 3, 8, 8) and torch.equal(a, b)

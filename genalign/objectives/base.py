@@ -43,15 +43,16 @@ class ObjectiveBase:
         """Inverse of :meth:`state_dict`."""
 
 
-def require_flow_model(policy, method: str) -> None:
+def require_flow_model(policy, method: str, what: str = "") -> None:
     """Objectives on the flow-matching loss (``x_t = (1 - s) x0 + s eps``, target ``eps - x0``) need a
-    flow-matching model; a DDPM-family adapter (epsilon / v prediction on another noising path) is refused."""
+    flow-matching model; a DDPM-family adapter (epsilon / v prediction on another noising path) is refused.
+    ``what`` names the culprit when it is not the method itself (e.g. ``data.anchor_file``)."""
     if getattr(policy, "kind", "flow") != "flow":
         from ..errors import ConfigError
 
-        raise ConfigError(f"method {method} trains on the flow-matching loss, which needs a flow-matching model; "
-                          f"{type(policy).__name__} is a {policy.kind!r}-family model (use a policy-gradient method "
-                          f"such as flow_grpo with sampling.step_kind: ddim)")
+        fix = f"remove {what}" if what else "use a policy-gradient method such as flow_grpo with sampling.step_kind: ddim"
+        raise ConfigError(f"{what or f'method {method}'} trains on the flow-matching loss, which needs a flow-matching "
+                          f"model; {type(policy).__name__} is a {policy.kind!r}-family model ({fix})")
 
 
 @dataclass

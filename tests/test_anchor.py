@@ -1,0 +1,126 @@
+"""The reference-data anchor (``data.anchor_file``, genalign/objectives/anchor.py): its gradient is the weighted
+flow-matching gradient, it joins the method's optimizer steps (no extra step), its options are checked, and the
+shipped digits reference set holds the real training digits with their true labels."""
+
+import json
+
+import pytest
+import torch
+
+from genalign.config import ConfigError, load_config
+
+from .test_decoupled import _write_digits
+from .test_trainer import prompts_file  # noqa: F401
+
+
+def _digits_trainer(tmp_path, *overrides):
+    from genalign.trainer import Trainer
+
+    cfg = load_config("configs/digits.yaml", [f"output_dir={tmp_path / 'run'}", "eval.judge=false",
+                                              "eval_prompts_file=null", "sampling.groups_per_epoch=2",
+                                              "sampling.batch_size=32", "train.batch_size=8", "train.num_minibatches=2",
+                                              *overrides])
+    return Trainer(cfg)
+
+
+def _anchor_units(trainer, epoch=0):
+    a = trainer.anchor
+    return a.prepare(epoch, trainer.dataset_epoch(epoch, a.dataset, trainer.cfg.data.anchor_per_epoch))
+
+
+def test_anchor_gradient_is_the_weighted_flow_matching_gradient(tmp_path):
+    """d loss = coef * d mean_u mean_e (v(x_s) - (eps - x0))^2 over the step's units, eps from each unit's seed."""
+    data = _write_digits(tmp_path, pairs=False, n_per_digit=2)
+    trainer = _digits_trainer(tmp_path, f"data.anchor_file={data}", "data.anchor_coef=2.5", "data.anchor_per_epoch=6")
+    for p in trainer.params:  # LoRA B starts at zero: move it so that every weight has a gradient
+        p.data.add_(0.01 * torch.randn_like(p))
+    a = trainer.anchor
+    u = _anchor_units(trainer)
+    k = trainer.cfg.train.timestep_fraction * trainer.cfg.sampling.num_steps
+    assert len(u.rows) == 6 * int(k)  # every record at every trained noise level
+    ids = a.minibatches(u, 0, 0, 2)[0]
+    trainer.optimizer.zero_grad(set_to_none=True)
+    stats = trainer.optim.accumulate(a.backwards(u, ids))
+    ours = [p.grad.clone() for p in trainer.params]
+
+    n = a.noised(u, ids)
+    x0, eps = n.x0, n.noise
+    seed = int(u.seeds[ids[0]])
+    torch.testing.assert_close(eps[0], torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(seed)))
+    x_s = (1 - n.s.view(-1, 1, 1, 1)) * x0 + n.s.view(-1, 1, 1, 1) * eps
+    trainer.optimizer.zero_grad(set_to_none=True)
+    v = trainer.policy.predict(x_s, n.timesteps, n.sub.cond)
+    mse = (v - (eps - x0)).pow(2).flatten(1).mean(1).mean()
+    (2.5 * mse).backward()
+    for g, p in zip(ours, trainer.params):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-8)
+    assert stats["anchor/mse"].item() == pytest.approx(mse.item(), rel=1e-5)
+    assert stats["loss"].item() == pytest.approx(2.5 * mse.item(), rel=1e-5)
+
+
+def test_anchor_joins_the_methods_optimizer_steps(tmp_path):
+    """Same optimizer steps with and without the anchor; the anchor changes the weights and is logged."""
+    data = _write_digits(tmp_path, pairs=False, n_per_digit=2)
+    runs = {}
+    for name, extra in (("plain", []), ("anchor", [f"data.anchor_file={data}", "data.anchor_per_epoch=8"])):
+        trainer = _digits_trainer(tmp_path / name, "num_epochs=2", *extra)
+        metrics = trainer.train()
+        runs[name] = (trainer.global_step, [p.detach().clone() for p in trainer.params], metrics)
+    assert runs["plain"][0] == runs["anchor"][0] == 2 * 2
+    assert any(not torch.equal(a, b) for a, b in zip(runs["plain"][1], runs["anchor"][1]))
+    m = runs["anchor"][2]
+    assert m["anchor/mse"] > 0 and m["anchor/units"] == 8 * 9
+    assert "anchor/mse" not in runs["plain"][2]
+
+
+def test_anchor_options_are_checked(tmp_path):
+    base = ["eval.judge=false"]
+    with pytest.raises(ConfigError, match="data.anchor_file must be a .jsonl"):
+        load_config("configs/digits.yaml", base + ["data.anchor_file=x.txt"]).validate()
+    with pytest.raises(ConfigError, match="data.anchor_coef must be > 0"):
+        load_config("configs/digits.yaml", base + ["data.anchor_file=x.jsonl", "data.anchor_coef=0"]).validate()
+    with pytest.raises(ConfigError, match="data.anchor_per_epoch must be an int >= 1"):
+        load_config("configs/digits.yaml", base + ["data.anchor_file=x.jsonl", "data.anchor_per_epoch=0"]).validate()
+    # any method may carry an anchor: no "option of another method" refusal
+    load_config("configs/digits.yaml", base + ["data.anchor_file=x.jsonl"]).validate()
+    load_config("configs/digits.yaml", base + ["method=diffusion_nft", "data.anchor_file=x.jsonl"]).validate()
+    with pytest.raises(ConfigError, match="data.anchor_file .*missing.jsonl' does not exist"):
+        _digits_trainer(tmp_path, f"data.anchor_file={tmp_path / 'missing.jsonl'}")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "one"}\n')
+    with pytest.raises(ConfigError, match="data.anchor_file .*bad.jsonl' line 1: needs an image path in 'image'"):
+        _digits_trainer(tmp_path, f"data.anchor_file={bad}")
+
+
+def test_anchor_refuses_ddpm_models(tmp_path, prompts_file):  # noqa: F811
+    from .test_trainer import make_trainer
+    from .tiny_models import save_pipeline, tiny_sd
+
+    data = _write_digits(tmp_path, pairs=False, n_per_digit=1)
+    path = save_pipeline(tiny_sd(with_text_encoders=True), tmp_path / "sd")
+    with pytest.raises(ConfigError, match="data.anchor_file trains on the flow-matching loss, which needs a "
+                                          "flow-matching model; DDPMPolicy .*\\(remove data.anchor_file\\)"):
+        make_trainer(path, tmp_path / "run", prompts_file, **{"sampling.step_kind": "ddim", "sampling.noise_level": 1.0,
+                                                              "data.anchor_file": str(data)})
+
+
+def test_shipped_reference_set_is_the_train_split_with_true_labels():
+    from genalign.datasets import read_image_records
+    from genalign.pipelines.digits import DigitsPolicy, load_split, prompt_digit
+    from genalign.pipelines.digits_pretrain import EVAL_TEMPLATES, TRAIN_TEMPLATES, fill
+    from genalign.prompts import resolve_prompts_path
+
+    x_tr, y_tr, _, _ = load_split()
+    records = read_image_records("digits:reference_train.jsonl", "image", "data.anchor_file")
+    assert len(records) == len(y_tr)
+    raw = [json.loads(line) for line in open(resolve_prompts_path("digits:reference_train.jsonl"))]
+    train_prompts = {fill(t, d) for t in TRAIN_TEMPLATES for d in range(10)}
+    eval_prompts = {fill(t, d) for t in EVAL_TEMPLATES for d in range(10)}
+    assert [r["digit"] for r in raw] == y_tr.tolist()
+    assert all(prompt_digit(r["prompt"]) == r["digit"] and r["prompt"] in train_prompts for r in raw)
+    assert not {r["prompt"] for r in raw} & eval_prompts
+    from genalign.datasets import load_image
+
+    policy = DigitsPolicy.from_pretrained("digits")
+    pixels = torch.stack([load_image(r["images"][0], 8, 8) for r in records[:50]])
+    torch.testing.assert_close(policy.encode_images(pixels), x_tr[:50], atol=1.001 / 255, rtol=0)  # uint8 PNGs
