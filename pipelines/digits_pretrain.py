@@ -28,7 +28,9 @@ the numbers do not depend on the batch size. ``--measure-only`` recomputes ``met
 asset directory without training (the model files are left untouched).
 
 Architecture: ``--patch-size 4`` (default, the shipped model: 4 image tokens) or ``2`` (16 image tokens, a closer fit
-at about twice the cost per step; README, "Aligning without collapse").
+at about twice the cost per step); ``--num-layers`` (3) and ``--attention-head-dim`` (16; 4 heads) size the
+transformer (README, "Aligning without collapse", for what each reaches). Every asset directory also gets the
+reference data set of :func:`write_reference_set` (``--reference-set-only`` writes just that).
 
 Reproducibility: identical outputs for the same seed and the same number of torch threads (thread count
 changes float summation order). ``--threads 1`` is much faster than 2 on a machine shared with other jobs.
