@@ -125,15 +125,6 @@ class Trainer:
         if cfg.data.train_file:
             self.dataset = ImageDataset(cfg.data.train_file, cfg.method_spec().data_kind, self.policy,
                                         cfg.sampling.batch_size, log=print if self.is_main else None)
-        self.anchor = None  # data.anchor_file: the flow-matching loss on reference images beside the method's loss
-        if cfg.data.anchor_file:
-            from .objectives.anchor import DataAnchor
-
-            try:
-                anchor_set = ImageDataset(cfg.data.anchor_file, "image", self.policy, cfg.sampling.batch_size,
-                                          log=print if self.is_main else None, key="data.anchor_file")
-            except (ValueError, FileNotFoundError) as exc:
-                raise ConfigError(str(exc)) from exc
         if self.reward_fn.group_level and self.world > 1:
             raise ConfigError(f"reward {self.reward_fn.names} has a group-level component, which needs every prompt "
                               f"group's images in one call; groups span processes, so run it on 1 process")
@@ -144,10 +135,15 @@ class Trainer:
                                     conditioning=[r.get("conditioning") for r in eval_records])
                           if self.eval_prompts else None)
         self.objective = build_objective(objective_name(cfg), self.ctx)
+        self.anchor = None  # data.anchor_file: the flow-matching loss on reference images beside the method's loss
         if cfg.data.anchor_file:
+            from .objectives.anchor import DataAnchor
+
             try:
-                self.anchor = DataAnchor(self.ctx, anchor_set)
-            except ValueError as exc:
+                self.anchor = DataAnchor(self.ctx, ImageDataset(
+                    cfg.data.anchor_file, "image", self.policy, cfg.sampling.batch_size,
+                    log=print if self.is_main else None, key="data.anchor_file"))
+            except (ValueError, FileNotFoundError) as exc:  # a bad file, record or model: one ConfigError naming it
                 raise ConfigError(str(exc)) from exc
         self.sampler = KRepeatSampler(len(self.prompts), cfg.sampling.groups_per_epoch, cfg.sampling.group_size,
                                       cfg.seed, self.world, self.rank)

@@ -22,12 +22,11 @@ to the method's own loss).
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict
 
 import torch
 
 from ..losses import per_sample_mse
-from ..methods import mix_seed
 from .base import require_flow_model
 from .forward import ForwardProcessObjective, ForwardUnits
 
@@ -36,7 +35,7 @@ class DataAnchor(ForwardProcessObjective):
     """The anchor's units and backward passes (see the module docstring); built by the trainer when
     ``data.anchor_file`` is set, with the :class:`genalign.datasets.ImageDataset` of that file."""
 
-    seed_tag = 47
+    seed_tag = minibatch_tag = 47
     name = "data anchor (data.anchor_file)"
 
     def __init__(self, ctx, dataset):
@@ -45,12 +44,6 @@ class DataAnchor(ForwardProcessObjective):
         require_flow_model(ctx.policy, ctx.cfg.method, "data.anchor_file")
         self.dataset = dataset
         self.coef = float(ctx.cfg.data.anchor_coef)
-
-    def minibatches(self, u: ForwardUnits, epoch: int, inner: int, count: int = 1) -> List[torch.Tensor]:
-        """This process's units split into ``count`` parts, one per optimizer step of the method (a fresh order per
-        (epoch, inner epoch))."""
-        gen = torch.Generator().manual_seed(mix_seed(self.cfg.seed, epoch, inner, self.tr.rank, self.seed_tag))
-        return list(torch.tensor_split(torch.randperm(len(u.rows), generator=gen), count))
 
     def unit_loss(self, u: ForwardUnits, ids: torch.Tensor, total):
         n = self.noised(u, ids)

@@ -118,9 +118,15 @@ class ForwardProcessObjective(ObjectiveBase):
                               for i, g, j in zip(glob, groups, js)], dtype=torch.long)
         return ForwardUnits(batch.traj, rows, js, seeds, weight_global[local.clamp_min(0)], weight_global, groups)
 
-    def minibatches(self, u: ForwardUnits, epoch: int, inner: int) -> List[torch.Tensor]:
-        gen = torch.Generator().manual_seed(mix_seed(self.cfg.seed, epoch, inner, self.tr.rank, 29))
-        return list(torch.tensor_split(torch.randperm(len(u.rows), generator=gen), self.cfg.train.num_minibatches))
+    minibatch_tag = 29
+    """Namespace of the units' order per (epoch, inner epoch)."""
+
+    def minibatches(self, u: ForwardUnits, epoch: int, inner: int, count: Optional[int] = None) -> List[torch.Tensor]:
+        """This process's units in a fresh order, split into ``count`` optimizer steps (default
+        ``train.num_minibatches``)."""
+        gen = torch.Generator().manual_seed(mix_seed(self.cfg.seed, epoch, inner, self.tr.rank, self.minibatch_tag))
+        return list(torch.tensor_split(torch.randperm(len(u.rows), generator=gen),
+                                       count or self.cfg.train.num_minibatches))
 
     def backwards(self, u: ForwardUnits, ids: torch.Tensor):
         t, dev = self.cfg.train, self.tr.device
