@@ -1,6 +1,6 @@
 """Compare Flow-GRPO, Flow-GRPO-Fast, TempFlow-GRPO, GRPO-Guard and MixGRPO on the digits task, over seeds.
 
-Every method runs the ONE trainer (configs/digits.yaml + its ``method``'s defaults) with the same budget of
+Every method runs the ONE trainer (configs/digits_flow_grpo.yaml + its ``method``'s defaults) with the same budget of
 generated images, once per training seed. Periodic ODE evaluations report prompt accuracy, the Frechet distance
 (FD) of the digit classifier's penultimate features to the real held-out digits (the reward's own feature space,
 blind to reward hacking) and the independent judge the digits adapter logs (``eval/fd_independent``,

@@ -1,15 +1,15 @@
-"""End-to-end cost of the default run: wall time and generated samples until the prompt accuracy of the
-shipped digits model reaches 0.9 and 0.95 (``configs/digits.yaml``, evaluation every 10 epochs on 50
-images per eval prompt).
+"""End-to-end cost and quality of a digits run over seeds: wall time, generated samples until the prompt accuracy
+reaches 0.9 / 0.95 / 0.97, and the independent judge on 2,000 images of unseen seeds.
 
-    OMP_NUM_THREADS=1 python benchmarks/digits_e2e.py [--seeds 0 1 2] [--max-epochs 220] [-- extra.overrides=...]
+    python benchmarks/digits_e2e.py [--config configs/digits.yaml] [--seeds 0 1 2] [--max-epochs N] [-- overrides...]
 
-Runs ``genalign train configs/digits.yaml seed=S eval.every=10 eval.num_per_prompt=50`` in a subprocess per seed
-(one after another; a temporary output directory unless ``--output-dir``), reads each run's ``metrics.jsonl``
-(``eval/digit_correct.accuracy``, the independent judge's ``eval/fd_independent`` / ``eval/diversity_ratio``
-against ``samples_seen`` and ``elapsed_s``) and judges ``final/lora`` on 2,000 images of unseen seeds with
-``benchmarks/judge_digits.py``. Writes ``benchmarks/results/digits_e2e.json`` (per seed and mean / std). About 5
-minutes per seed on 2 CPU cores.
+Runs ``genalign train CONFIG seed=S`` (the default run as a user runs it: its own evaluation settings) in a subprocess
+per seed, one after another (a temporary output directory unless ``--output-dir``), reads each run's ``metrics.jsonl``
+(``eval/digit_correct.accuracy``, the independent judge's ``eval/fd_independent`` / ``eval/diversity_ratio`` against
+``samples_seen`` and ``elapsed_s``) and judges the final weights the run evaluated (EMA ones with ``eval.use_ema``)
+on 2,000 images of unseen seeds with ``benchmarks/judge_digits.py`` at the run's evaluation steps. Writes
+``benchmarks/results/digits_e2e.json`` (per seed and mean / std; ``--out``). The torch thread count is torch's
+default unless ``OMP_NUM_THREADS`` is set; it is recorded.
 """
 
 from __future__ import annotations
@@ -39,12 +39,34 @@ def first_reaching(rows, threshold):
     return None
 
 
-def run_seed(seed: int, out_dir: str, overrides) -> dict:
-    """One default run (subprocess) with ``seed``, then the independent judge on 2,000 images of unseen seeds."""
+def _run_config(out_dir: str) -> dict:
+    with open(os.path.join(out_dir, "config.json")) as fh:
+        return json.load(fh)
+
+
+def judged_weights(out_dir: str) -> str:
+    """The final weights the run's own evaluations used: the EMA ones (``final/lora_ema`` or
+    ``final/denoiser_ema.safetensors``) when ``eval.use_ema`` and they exist, else ``final/lora`` or
+    ``final/denoiser.safetensors``."""
+    final = os.path.join(out_dir, "final")
+    ema = _run_config(out_dir)["eval"]["use_ema"]
+    for name in (["lora_ema", "denoiser_ema.safetensors"] if ema else []) + ["lora", "denoiser.safetensors"]:
+        if os.path.exists(os.path.join(final, name)):
+            return os.path.join(final, name)
+    raise FileNotFoundError(f"no final weights in {final}")
+
+
+def judge_steps(out_dir: str) -> int:
+    """The ODE steps of the run's evaluations (``eval.num_steps``, else ``sampling.num_steps``)."""
+    cfg = _run_config(out_dir)
+    return int(cfg["eval"]["num_steps"] or cfg["sampling"]["num_steps"])
+
+
+def run_seed(seed: int, out_dir: str, overrides, config: str) -> dict:
+    """One run of ``config`` (subprocess) with ``seed``, then the independent judge on 2,000 images of unseen seeds."""
     import judge_digits
 
-    cmd = [sys.executable, "-m", "genalign.cli", "train", os.path.join(REPO, "configs", "digits.yaml"),
-           f"output_dir={out_dir}", f"seed={seed}", "eval.every=10", "eval.num_per_prompt=50", *overrides]
+    cmd = [sys.executable, "-m", "genalign.cli", "train", config, f"output_dir={out_dir}", f"seed={seed}", *overrides]
     env = dict(os.environ, TQDM_DISABLE="1")
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=env)
@@ -55,7 +77,7 @@ def run_seed(seed: int, out_dir: str, overrides) -> dict:
               "accuracy": r[KEY], "fd_independent": r.get("eval/fd_independent"),
               "diversity_ratio": r.get("eval/diversity_ratio")} for r in rows if KEY in r]
     judge_path = os.path.join(out_dir, "judge.json")
-    judge_digits.main(["--lora", os.path.join(out_dir, "final", "lora"), "--out", judge_path])
+    judge_digits.main(["--lora", judged_weights(out_dir), "--num-steps", str(judge_steps(out_dir)), "--out", judge_path])
     with open(judge_path) as fh:
         judged = json.load(fh)["models"]
     return {"seed": seed, "train_command": " ".join(cmd[1:]), "returncode": proc.returncode, "wall_s": wall,
@@ -69,6 +91,7 @@ def run_seed(seed: int, out_dir: str, overrides) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=os.path.join("configs", "digits.yaml"))
     ap.add_argument("--output-dir", default=None, help="parent of the runs (default: a temporary directory)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds, run one after another")
     ap.add_argument("--max-epochs", type=int, default=None, help="override num_epochs (default: the config's)")
@@ -77,7 +100,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     parent = args.output_dir or tempfile.mkdtemp(prefix="genalign_digits_e2e_")
     overrides = list(args.overrides) + ([f"num_epochs={args.max_epochs}"] if args.max_epochs else [])
-    seeds = [run_seed(seed, os.path.join(parent, f"seed{seed}"), overrides) for seed in args.seeds]
+    config = os.path.join(REPO, args.config) if not os.path.isabs(args.config) else args.config
+    seeds = [run_seed(seed, os.path.join(parent, f"seed{seed}"), overrides, config) for seed in args.seeds]
     summary = {key: C.mean_std([r["judge_2000"]["tuned"][key] for r in seeds])
                for key in ("accuracy", "fd_independent", "diversity_ratio", "vendi")}
     summary["wall_s"] = C.mean_std([r["wall_s"] for r in seeds])
@@ -85,12 +109,16 @@ def main(argv=None):
         summary[f"samples_to_{t}"] = C.mean_std([(r[f"reach_{t}"] or {}).get("samples_seen") for r in seeds])
         summary[f"seconds_to_{t}"] = C.mean_std([(r[f"reach_{t}"] or {}).get("elapsed_s") for r in seeds])
     base = seeds[0]["judge_2000"]["base"]
-    result = {"command": "OMP_NUM_THREADS=1 python benchmarks/digits_e2e.py --seeds " + " ".join(map(str, args.seeds)),
+    threads = os.environ.get("OMP_NUM_THREADS")
+    result = {"command": (f"OMP_NUM_THREADS={threads} " if threads else "") + "python benchmarks/digits_e2e.py "
+                         f"--config {args.config} --seeds " + " ".join(map(str, args.seeds))
+                         + (" -- " + " ".join(overrides) if overrides else ""),
+              "config": args.config,
               "machine": C.machine("cpu"), "base_2000": base, "summary": summary, "seeds": seeds,
               "notes": "runs one after another with nothing else running; elapsed_s is measured inside the run from "
                        "the start of Trainer.train (evaluations included); samples_seen counts training rollouts "
-                       "only; judge_2000: benchmarks/judge_digits.py on final/lora (2,000 images, seed 777, "
-                       "seeds not used in training)"}
+                       "only; judge_2000: benchmarks/judge_digits.py on the final weights the run evaluated (2,000 "
+                       "images, seed 777, seeds not used in training, the run's evaluation steps)"}
     print(json.dumps(summary, indent=1))
     print("wrote", C.write_json(args.out, result))
     return 0 if all(r["returncode"] == 0 for r in seeds) else 1

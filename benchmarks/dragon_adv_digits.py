@@ -1,4 +1,4 @@
-"""DRAGON and Adv-GRPO on the digits task (the ONE trainer, configs/digits.yaml + overrides).
+"""DRAGON and Adv-GRPO on the digits task (the ONE trainer, configs/digits_flow_grpo.yaml + overrides).
 
 (a) DRAGON: reward ``exemplar_similarity`` (mean cosine of the digit classifier's penultimate features to
     the 5 nearest real TRAIN digits: the exemplar set), ``method=dragon``, per-prompt halves, Diffusion-DPO
@@ -81,7 +81,7 @@ def run(name: str, epochs: int, hook, refs: str) -> dict:
     out_dir = os.path.join("runs", OUT[name])
     overrides = COMMON + DEMOS[name]["overrides"] + [f"num_epochs={epochs}", f"eval.every={max(1, epochs // 3)}",
                                                      f"output_dir={out_dir}"]
-    cfg = load_config("configs/digits.yaml", overrides)
+    cfg = load_config("configs/digits_flow_grpo.yaml", overrides)
     key = DEMOS[name]["reward"]
     cfg.reward = key
     cfg.reward_options = {key: {"encoder": "digits", "references": refs, **DEMOS[name]["options"]}}

@@ -14,7 +14,9 @@ Writes ``benchmarks/results/judge_digits.json``::
                 "tuned": {...}}}
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/judge_digits.py [--lora RUN/final/lora] [--rlg 0.3 0.5 0.7]
-[--num-per-prompt 100] [--model NAME=DIR ...]`` (``--rlg``: the LoRA also judged at those alignment strengths,
+[--num-per-prompt 100] [--model NAME=DIR ...]`` (``--lora``: tuned weights, a LoRA or a full fine-tune's
+``denoiser*.safetensors``; the base judged beside them is their base model, else ``--base``, default ``digits``;
+``--rlg``: the LoRA also judged at those alignment strengths,
 ``genalign.rlg``; ``--model``: other digits asset directories judged beside the base, e.g. the generators that
 ``genalign pretrain-digits --label-noise 0`` trains on correct captions, the README's oracles).
 """
@@ -52,7 +54,10 @@ def evaluate(policy, prompts, seeds, labels, reward, real_images, real_labels, p
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lora", default=None, help="a trained run's final/lora (or final/lora_ema) directory")
+    parser.add_argument("--lora", default=None, help="a trained run's final/lora (or final/lora_ema) directory, or a "
+                        "full fine-tune's final/denoiser.safetensors (or denoiser_ema.safetensors)")
+    parser.add_argument("--base", default=None, help="the base model (default: the tuned weights' base model, else "
+                        "'digits')")
     parser.add_argument("--rlg", type=float, nargs="*", default=[],
                         help="also judge the LoRA at these RLG strengths w (v_base + w (v_tuned - v_base))")
     parser.add_argument("--prompts", default="digits:prompts_eval.txt")
@@ -94,7 +99,10 @@ def main(argv=None) -> int:
     common = (prompts, seeds, labels, reward, real_images, y_te, pca, args.num_steps, args.batch_size)
 
     models = {}
-    base, _ = load_policy_with_loras("digits", [])
+    from genalign.sampling import resolve_model
+
+    base_id = args.base or resolve_model(None, [args.lora] if args.lora else [])
+    base, _ = load_policy_with_loras(base_id, [])
     models["base"] = evaluate(base, *common)
     print("base ", json.dumps(models["base"]))
     for name, path in extra:
@@ -102,7 +110,7 @@ def main(argv=None) -> int:
         models[name] = evaluate(other, *common)
         print(name, json.dumps(models[name]))
     if args.lora:
-        tuned, _ = load_policy_with_loras(None, [args.lora])
+        tuned, _ = load_policy_with_loras(base_id, [args.lora])
         models["tuned"] = evaluate(tuned, *common)
         print("tuned", json.dumps(models["tuned"]))
         from genalign.rlg import RLGPolicy
@@ -114,7 +122,7 @@ def main(argv=None) -> int:
     result = {"settings": {"prompts": args.prompts, "num_images": len(prompts), "num_per_prompt": args.num_per_prompt,
                            "seed": args.seed, "num_steps": args.num_steps, "pca_dim": args.pca_dim,
                            "pca_fit": "train split of sklearn digits", "reference": "held-out split",
-                           "lora": args.lora, "rlg": args.rlg, "models": dict(extra)},
+                           "base": base_id, "lora": args.lora, "rlg": args.rlg, "models": dict(extra)},
               "real_reference": real_ref, "models": models}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -35,7 +35,7 @@ def _overrides(out_dir: str, epochs: int) -> List[str]:
 
 
 def _command(out_dir: str, epochs: int, resume: bool) -> List[str]:
-    cmd = [sys.executable, "-m", "genalign.cli", "train", os.path.join(ROOT, "configs", "digits.yaml"),
+    cmd = [sys.executable, "-m", "genalign.cli", "train", os.path.join(ROOT, "configs", "digits_flow_grpo.yaml"),
            *_overrides(out_dir, epochs)]
     return cmd + (["--resume", "latest"] if resume else ["--overwrite"])  # restart from scratch: a used directory
 

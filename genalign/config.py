@@ -420,6 +420,10 @@ class DataConfig:
     anchor_per_epoch: int = 64
     """Anchor records per epoch (a fresh permutation each epoch), spread over the epoch's optimizer steps; each
     record is trained at every trained noise level of the sampler's schedule."""
+    anchor_levels: str = "continuous"
+    """Noise levels of the anchor's units: 'continuous' (each record's units stratified over the whole schedule,
+    sigma in (0, 1], as in pretraining) or 'schedule' (the sampler's trained levels sigmas[j], as the
+    forward-process objectives)."""
 
 
 @dataclass
@@ -517,7 +521,7 @@ class Config:
             raise ConfigError(f"eval.judge_encoder = {self.eval.judge_encoder!r} needs eval.judge_references "
                               f"(a directory of reference images the judge compares with)")
         text_options = [k for k in ("drop_t5", "offload_text_encoders", "cache_prompt_embeds") if getattr(self.model, k)]
-        if text_options and self.model.id == "digits":
+        if text_options and self.model.id in ("digits", "digits_wide"):
             raise ConfigError(f"model.{text_options[0]} applies to diffusers text-to-image models (SD3 / Flux / SD); "
                               f"the digits model has no text encoders to drop, offload or cache")
         self._validate_estimators()
@@ -587,20 +591,22 @@ class Config:
             raise ConfigError(f"data.anchor_coef must be > 0 (null data.anchor_file: no anchor), got {d.anchor_coef!r}")
         if not (isinstance(d.anchor_per_epoch, int) and d.anchor_per_epoch >= 1):
             raise ConfigError(f"data.anchor_per_epoch must be an int >= 1, got {d.anchor_per_epoch!r}")
+        if d.anchor_levels not in ("continuous", "schedule"):
+            raise ConfigError(f"data.anchor_levels must be 'continuous' or 'schedule', got {d.anchor_levels!r}")
 
     def _validate_eval_prompts(self) -> None:
-        """A model other than the shipped digits one ('digits' or a directory with the digits ``policy.json``)
+        """A model other than the shipped digits ones ('digits', 'digits_wide' or a directory with the digits ``policy.json``)
         must not evaluate on a ``digits:`` prompt file (the default ``eval_prompts_file``): an SD3 / Flux run
         would silently report scores on digit prompts. Set ``eval_prompts_file`` to the task's prompts (e.g.
         ``prompts:pickscore_eval.txt``, see README "Real models") or null to disable evaluation."""
         import os
 
         m, f = self.model.id, self.eval_prompts_file
-        digits_model = m == "digits" or os.path.isfile(os.path.join(m, "policy.json"))
+        digits_model = m in ("digits", "digits_wide") or os.path.isfile(os.path.join(m, "policy.json"))
         if f is not None and f.startswith("digits:") and not digits_model:
             raise ConfigError(
                 f"eval_prompts_file = {f!r} is a digits prompt file but model.id = {m!r} is not the digits model "
-                f"('digits' or a directory holding the digits policy.json; {os.path.join(m, 'policy.json')!r} not found): "
+                f"('digits', 'digits_wide' or a directory holding the digits policy.json; {os.path.join(m, 'policy.json')!r} not found): "
                 f"set eval_prompts_file to this task's evaluation prompts (e.g. prompts:pickscore_eval.txt) or to "
                 f"null to disable evaluation")
 

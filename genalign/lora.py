@@ -6,6 +6,13 @@ A saved LoRA directory holds:
 - ``pytorch_lora_weights.safetensors``: the diffusers format, written when the adapter exposes its
   pipeline class, so ``pipe.load_lora_weights(dir)`` works in plain diffusers;
 - ``base_model.json``: the base model id and the denoiser's parameter count, checked when loading.
+
+A full fine-tune (``lora.enabled: false``) is exported as ``denoiser.safetensors`` (and ``denoiser_ema.safetensors``)
+with the same metadata in ``denoiser.json``. :func:`load_tuned` loads either kind under a name: a LoRA as a peft
+adapter, a full fine-tune as a *weight variant* (its state dict kept on the CPU and copied into the denoiser while
+that name is active, the base weights kept beside it), so ``genalign sample / grid / eval`` compare base and tuned
+models alike (:func:`genalign.sampling.use_variant`). A weight variant costs one CPU copy of the trained weights and
+one of the base's.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -101,9 +108,7 @@ def save_lora(policy, out_dir: str, base_model: str) -> None:
     cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as fh:
         json.dump(cfg, fh, indent=1, default=str)
-    with open(os.path.join(out_dir, "base_model.json"), "w") as fh:
-        json.dump({"base_model": base_model, "denoiser_class": type(denoiser).__name__,
-                   "denoiser_params": _base_param_count(denoiser)}, fh)
+    write_base_meta(os.path.join(out_dir, "base_model.json"), denoiser, base_model)
     name = getattr(policy, "pipeline_class_name", None)
     if name is not None:
         import diffusers
@@ -122,18 +127,125 @@ def _base_param_count(denoiser: torch.nn.Module) -> int:
     return sum(p.numel() for n, p in denoiser.named_parameters() if "lora_" not in n)
 
 
-def find_lora_dir(path: str) -> str:
-    """Accept a LoRA directory, a checkpoint directory, or a run directory (final LoRA, else latest checkpoint)."""
-    for candidate in (path, os.path.join(path, "lora"), os.path.join(path, "final", "lora")):
-        if os.path.isfile(os.path.join(candidate, "adapter_model.safetensors")):
-            return candidate
+FULL_WEIGHTS = "denoiser.safetensors"
+FULL_META = "denoiser.json"
+
+
+def find_tuned(path: str) -> Tuple[str, str]:
+    """``("lora", directory)`` or ``("full", safetensors file)`` for a LoRA directory, a full fine-tune's
+    ``denoiser*.safetensors``, a checkpoint or a run directory (its final weights, else its latest checkpoint's)."""
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        if os.path.basename(path) == "adapter_model.safetensors":
+            return "lora", os.path.dirname(path)
+        return "full", path
+    dirs = [path, os.path.join(path, "final")]
     from .checkpoint import latest_checkpoint
 
-    ckpt = latest_checkpoint(os.path.join(path, "checkpoints")) if os.path.isdir(os.path.join(path, "checkpoints")) else None
-    if ckpt and os.path.isfile(os.path.join(ckpt, "lora", "adapter_model.safetensors")):
-        return os.path.join(ckpt, "lora")
-    raise FileNotFoundError(f"no LoRA found at {path!r} (looked for adapter_model.safetensors in the directory, "
-                            f"its lora/, final/lora/ and the latest checkpoint)")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        dirs.append(latest_checkpoint(os.path.join(path, "checkpoints")))
+    for d in filter(None, dirs):
+        for candidate in (d, os.path.join(d, "lora")):
+            if os.path.isfile(os.path.join(candidate, "adapter_model.safetensors")):
+                return "lora", candidate
+        if os.path.isfile(os.path.join(d, FULL_WEIGHTS)):
+            return "full", os.path.join(d, FULL_WEIGHTS)
+    raise FileNotFoundError(f"no LoRA found at {path!r}, nor a full fine-tune (looked for adapter_model.safetensors in "
+                            f"the directory, its lora/, final/lora/ and the latest checkpoint's lora/, and for "
+                            f"{FULL_WEIGHTS} in the directory, its final/ and the latest checkpoint)")
+
+
+def find_lora_dir(path: str) -> str:
+    """The LoRA directory of a LoRA, checkpoint or run directory (see :func:`find_tuned`)."""
+    kind, where = find_tuned(path)
+    if kind != "lora":
+        raise ValueError(f"{path!r} holds a full fine-tune ({where}), not a LoRA")
+    return where
+
+
+def tuned_meta_path(path: str) -> str:
+    """The metadata file (base model id, denoiser class and size) of tuned weights ``path`` (see :func:`find_tuned`)."""
+    kind, where = find_tuned(path)
+    return os.path.join(where, "base_model.json") if kind == "lora" else os.path.join(os.path.dirname(where), FULL_META)
+
+
+def write_base_meta(path: str, denoiser: torch.nn.Module, base_model: str) -> None:
+    """``base_model.json`` / ``denoiser.json``: the base model id and the denoiser's class and parameter count."""
+    with open(path, "w") as fh:
+        json.dump({"base_model": base_model, "denoiser_class": type(denoiser).__name__,
+                   "denoiser_params": _base_param_count(denoiser)}, fh)
+
+
+def _check_base(meta_path: str, denoiser: torch.nn.Module, what: str) -> None:
+    if not os.path.isfile(meta_path):
+        return
+    with open(meta_path) as fh:
+        meta = json.load(fh)
+    if meta.get("denoiser_class") != type(denoiser).__name__ or meta.get("denoiser_params") != _base_param_count(denoiser):
+        raise ValueError(f"{what} was trained on base model {meta.get('base_model')!r} "
+                         f"({meta.get('denoiser_class')}, {meta.get('denoiser_params')} parameters), which does not "
+                         f"match this model ({type(denoiser).__name__}, {_base_param_count(denoiser)} parameters)")
+
+
+def load_tuned(policy, path: str, name: str = ADAPTER) -> str:
+    """Load tuned weights (:func:`find_tuned`) into ``policy`` under ``name`` and make them active: a LoRA as a peft
+    adapter (:func:`load_lora`), a full fine-tune as a weight variant (module docstring). Returns their location."""
+    kind, where = find_tuned(path)
+    if kind == "lora":
+        return load_lora(policy, where, adapter_name=name)
+    denoiser = policy.denoiser()
+    _check_base(tuned_meta_path(where), denoiser, f"full fine-tune {where!r}")
+    params = denoiser.state_dict(keep_vars=True)  # parameters and buffers
+    state = load_file(where)
+    unknown = [k for k in state if _live_key(k, params) not in params]
+    if unknown:
+        raise ValueError(f"full fine-tune {where!r} has weights this model lacks: {unknown[:5]}")
+    wrong = [k for k, v in state.items() if v.shape != params[_live_key(k, params)].shape]
+    if wrong:
+        raise ValueError(f"full fine-tune {where!r}: shapes differ from this model's for {wrong[:5]}")
+    variants = weight_variants(policy)
+    activate_weights(policy, None)
+    base = variants.setdefault(None, {})
+    base.update({k: params[_live_key(k, params)].detach().to("cpu", copy=True) for k in state if k not in base})
+    variants[name] = state
+    activate_weights(policy, name)
+    return where
+
+
+def weight_variants(policy) -> dict:
+    """``{name: state dict}`` of the full fine-tunes loaded into ``policy`` (key None: the base weights they replace)."""
+    if not hasattr(policy, "_weight_variants"):
+        policy._weight_variants, policy._active_weights = {}, None
+    return policy._weight_variants
+
+
+def activate_weights(policy, name: Optional[str]) -> None:
+    """Copy weight variant ``name`` (None: the base weights) into the denoiser."""
+    variants = weight_variants(policy)
+    if name == policy._active_weights:
+        return
+    params = policy.denoiser().state_dict(keep_vars=True)
+    with torch.no_grad():
+        for k, v in {**variants.get(None, {}), **variants.get(name, {})}.items():
+            params[_live_key(k, params)].copy_(v)
+    policy._active_weights = name
+
+
+def _live_key(key: str, params: dict) -> str:
+    """Where weight ``key`` of a plain denoiser lives now: a LoRA wraps a layer as ``<layer>.base_layer``."""
+    layer, _, leaf = key.rpartition(".")
+    return key if key in params else f"{layer}.base_layer.{leaf}"
+
+
+@contextlib.contextmanager
+def weights_active(policy, name: Optional[str]) -> Iterator[None]:
+    """Weight variant ``name`` (None: the base) active for the duration, then the previous one again."""
+    weight_variants(policy)
+    previous = policy._active_weights
+    activate_weights(policy, name)
+    try:
+        yield
+    finally:
+        activate_weights(policy, previous)
 
 
 def load_lora(policy, path: str, adapter_name: str = ADAPTER, base_model: Optional[str] = None) -> str:
@@ -145,14 +257,7 @@ def load_lora(policy, path: str, adapter_name: str = ADAPTER, base_model: Option
     denoiser = policy.denoiser()
     with open(os.path.join(lora_dir, "adapter_config.json")) as fh:
         cfg = json.load(fh)
-    meta_path = os.path.join(lora_dir, "base_model.json")
-    if os.path.isfile(meta_path):
-        with open(meta_path) as fh:
-            meta = json.load(fh)
-        if meta.get("denoiser_class") != type(denoiser).__name__ or meta.get("denoiser_params") != _base_param_count(denoiser):
-            raise ValueError(f"LoRA {lora_dir!r} was trained on base model {meta.get('base_model')!r} "
-                             f"({meta.get('denoiser_class')}, {meta.get('denoiser_params')} parameters), which does not "
-                             f"match this model ({type(denoiser).__name__}, {_base_param_count(denoiser)} parameters)")
+    _check_base(os.path.join(lora_dir, "base_model.json"), denoiser, f"LoRA {lora_dir!r}")
     keep = {k: v for k, v in cfg.items() if k in LoraConfig.__dataclass_fields__ and k not in ("peft_type", "task_type")}
     denoiser.add_adapter(LoraConfig(**keep), adapter_name=adapter_name)
     state = load_file(os.path.join(lora_dir, "adapter_model.safetensors"))

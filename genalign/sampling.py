@@ -41,14 +41,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def base_model_of(lora: str) -> str:
-    """The base model a LoRA (LoRA, checkpoint or run directory) was trained on: ``base_model`` of the
-    ``base_model.json`` that :func:`genalign.lora.save_lora` writes next to it. Raises FileNotFoundError naming
-    that file when it is absent."""
-    from .lora import find_lora_dir
+    """The base model tuned weights (a LoRA or a full fine-tune: LoRA, weights file, checkpoint or run directory,
+    :func:`genalign.lora.find_tuned`) were trained on: ``base_model`` of the ``base_model.json`` (LoRA) or
+    ``denoiser.json`` (full fine-tune) written next to them. Raises FileNotFoundError naming that file when it is
+    absent."""
+    from .lora import tuned_meta_path
 
-    path = os.path.join(find_lora_dir(lora), "base_model.json")
+    path = tuned_meta_path(lora)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: cannot tell which base model LoRA {lora!r} belongs to; "
+        raise FileNotFoundError(f"{path} not found: cannot tell which base model {lora!r} belongs to; "
                                 f"give --model")
     with open(path) as fh:
         base = json.load(fh).get("base_model")
@@ -73,11 +74,12 @@ def load_policy_with_loras(model: Optional[str], loras: Sequence[str] = (), guid
                            **model_kwargs):
     """Load ``model`` (None: the LoRAs' base model, see :func:`resolve_model`; ``dtype`` a torch dtype or
     ``'float32'``/``'bfloat16'``/``'float16'``; ``model_kwargs`` such as ``height``/``width``, ``drop_t5``,
-    ``offload_text_encoders``, ``cache_prompt_embeds`` as ``load_policy`` takes them) and each LoRA (LoRA,
-    checkpoint or run directory) as adapter ``names[i]`` (default ``lora0``, ``lora1``, ...). The LoRA
+    ``offload_text_encoders``, ``cache_prompt_embeds`` as ``load_policy`` takes them) and each LoRA or full
+    fine-tune (LoRA, ``denoiser*.safetensors``, checkpoint or run directory; :func:`genalign.lora.load_tuned`) as
+    variant ``names[i]`` (default ``lora0``, ``lora1``, ...; the last one loaded is active). The LoRA
     weights are kept in float32 whatever ``dtype``, as the trainer keeps its trainable weights, so a LoRA
     samples here as it did in training. Returns ``(policy, adapter names)``."""
-    from .lora import load_lora
+    from .lora import load_tuned
     from .plugins import load_policy
 
     if isinstance(dtype, str):
@@ -91,7 +93,7 @@ def load_policy_with_loras(model: Optional[str], loras: Sequence[str] = (), guid
     with warnings.catch_warnings():  # peft warns that a second adapter makes several: that is the point here
         warnings.filterwarnings("ignore", message=".*multiple adapters.*")
         for path, name in zip(loras, names):
-            load_lora(policy, path, adapter_name=name)
+            load_tuned(policy, path, name)
     for pname, p in policy.denoiser().named_parameters():
         if "lora_" in pname and p.dtype != torch.float32:
             p.data = p.data.float()
@@ -100,19 +102,29 @@ def load_policy_with_loras(model: Optional[str], loras: Sequence[str] = (), guid
 
 @contextlib.contextmanager
 def use_variant(policy, variant: Variant) -> Iterator[object]:
-    """Yield the policy to sample ``variant`` with (the base, an adapter, or an RLG wrapper)."""
-    from .lora import adapters_disabled, has_lora
+    """Yield the policy to sample ``variant`` with (the base, a LoRA adapter, a full fine-tune's weights or an RLG
+    wrapper)."""
+    from .lora import adapters_disabled, has_lora, weight_variants, weights_active
     from .rlg import RLGPolicy
 
     denoiser = policy.denoiser()
-    if variant.adapter is None:
+    full = weight_variants(policy)
+    if variant.adapter is not None and variant.adapter in full:  # a full fine-tune: its weights copied in
         if variant.rlg is not None:
-            raise ValueError(f"variant {variant.label!r}: RLG needs an adapter")
-        with adapters_disabled(denoiser) if has_lora(denoiser) else contextlib.nullcontext():
+            raise ValueError(f"variant {variant.label!r}: RLG interpolates a LoRA with its base; {variant.adapter!r} "
+                             f"is a full fine-tune")
+        with weights_active(policy, variant.adapter):
             yield policy
         return
-    denoiser.set_adapter(variant.adapter)
-    yield policy if variant.rlg is None else RLGPolicy(policy, variant.rlg)
+    with weights_active(policy, None) if full else contextlib.nullcontext():  # the base or a LoRA: base weights
+        if variant.adapter is None:
+            if variant.rlg is not None:
+                raise ValueError(f"variant {variant.label!r}: RLG needs an adapter")
+            with adapters_disabled(denoiser) if has_lora(denoiser) else contextlib.nullcontext():
+                yield policy
+            return
+        denoiser.set_adapter(variant.adapter)
+        yield policy if variant.rlg is None else RLGPolicy(policy, variant.rlg)
 
 
 def image_seed(base_seed: int, index: int) -> int:

@@ -32,7 +32,7 @@ from .checkpoint import Checkpointer, resolve_resume
 from .config import Config, ConfigError
 from .ema import EMA
 from .hacking import HackingMonitor
-from .lora import add_lora, has_lora, save_lora
+from .lora import add_lora, has_lora, save_lora, write_base_meta
 from .methods import EpochPlan, mix_seed as _seed
 from .objectives import EpochBatch, TrainContext, build_objective
 from .optim import NonFiniteError, OptimizerStep, build_optimizer, save_state_hooks
@@ -578,6 +578,7 @@ class Trainer:
             else:
                 save_file({n: p.detach().cpu().contiguous() for n, p in self.denoiser.named_parameters()
                            if p.requires_grad}, os.path.join(directory, "denoiser.safetensors"))
+                write_base_meta(os.path.join(directory, "denoiser.json"), self.denoiser, self.cfg.model.id)
 
     def _full_params(self):
         """Context with the full (unsharded) parameters in the denoiser: FSDP's ``summon_full_params``."""
@@ -621,8 +622,8 @@ class Trainer:
         return self.run_dir.last_metrics() if self.is_main else {}
 
     def _export_final(self, out: str) -> None:
-        """``final/lora`` (or ``final/denoiser.safetensors``): the trained weights; ``final/lora_ema`` (or
-        ``final/denoiser_ema.safetensors``): the EMA weights, only when the EMA was updated at least once.
+        """``final/lora`` (or ``final/denoiser.safetensors`` with ``denoiser.json``, the base model's id): the trained
+        weights; ``final/lora_ema`` (or ``final/denoiser_ema.safetensors``): the EMA weights, only when the EMA was updated at least once.
         Training-time evaluation used the EMA weights exactly when ``eval.use_ema`` and ``final/lora_ema`` exists
         (README, "Run directories, checkpoints and EMA")."""
         if not self.is_main:
@@ -645,6 +646,7 @@ class Trainer:
                           os.path.join(final, name))
 
             write("denoiser.safetensors")
+            write_base_meta(os.path.join(final, "denoiser.json"), self.denoiser, self.cfg.model.id)
             if self.ema_used:
                 with self.ema.swapped_in():
                     write("denoiser_ema.safetensors")

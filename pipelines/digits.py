@@ -50,6 +50,10 @@ from genalign.policy import (
 PAD = "<pad>"
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DEFAULT_NAME = "digits"
+SHIPPED_NAMES = ("digits", "digits_wide")
+"""The shipped generators (folders of ``genalign.assets``): ``digits`` (patch 4, 3 blocks of width 64; the base of
+the method comparisons) and ``digits_wide`` (patch 2, 4 blocks of width 128; the base of the default run, README
+"The default run"). Both were pretrained with 40% random captions by ``genalign pretrain-digits``."""
 POLICY_CONFIG = "policy.json"
 ENCODER_CONFIG = "prompt_encoder.json"
 ENCODER_WEIGHTS = "prompt_encoder.safetensors"
@@ -95,15 +99,15 @@ def prompt_digit(prompt: str) -> int:
 
 
 def resolve_digits_dir(path_or_name: Optional[str] = None, required: Sequence[str] = (POLICY_CONFIG,)) -> str:
-    """Map ``None`` / ``"digits"`` to the installed ``genalign.assets/digits`` directory, else use the path.
+    """Map ``None`` / a name of :data:`SHIPPED_NAMES` to its installed ``genalign.assets`` folder, else use the path.
 
     Raises :class:`ModelNotAvailableError` naming the pretraining command when the directory or one of
     the ``required`` files is missing.
     """
-    if path_or_name is None or path_or_name == DEFAULT_NAME:
+    if path_or_name is None or path_or_name in SHIPPED_NAMES:
         from importlib import resources
 
-        path = str(resources.files("genalign.assets").joinpath("digits"))
+        path = str(resources.files("genalign.assets").joinpath(path_or_name or DEFAULT_NAME))
     else:
         path = os.path.expanduser(str(path_or_name))
     missing = [f for f in required if not os.path.exists(os.path.join(path, f))]
@@ -221,9 +225,9 @@ class DigitsPolicy:
     # ---------------------------------------------------------------- loading / saving
     @classmethod
     def handles(cls, path_or_id) -> bool:
-        """Whether this adapter loads ``path_or_id``: ``"digits"`` or a directory holding ``policy.json``
-        (asked by :func:`genalign.plugins.policy_class`)."""
-        return str(path_or_id) == DEFAULT_NAME or os.path.isfile(os.path.join(str(path_or_id), POLICY_CONFIG))
+        """Whether this adapter loads ``path_or_id``: a name of :data:`SHIPPED_NAMES` or a directory holding
+        ``policy.json`` (asked by :func:`genalign.plugins.policy_class`)."""
+        return str(path_or_id) in SHIPPED_NAMES or os.path.isfile(os.path.join(str(path_or_id), POLICY_CONFIG))
 
     @classmethod
     def from_pretrained(cls, path_or_name: Optional[str] = DEFAULT_NAME, device=None, dtype=None,
@@ -359,5 +363,5 @@ def load_digits_policy(path_or_name: Optional[str] = DEFAULT_NAME, **kwargs) -> 
     return DigitsPolicy.from_pretrained(path_or_name, **kwargs)
 
 
-__all__ = ["DigitsPolicy", "PromptEncoder", "build_transformer", "resolve_digits_dir",
+__all__ = ["DigitsPolicy", "PromptEncoder", "SHIPPED_NAMES", "build_transformer", "resolve_digits_dir",
                               "prompt_digit", "split_words", "DIGIT_WORDS", "LORA_TARGET_MODULES"]

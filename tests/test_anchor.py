@@ -16,7 +16,7 @@ from .test_trainer import prompts_file  # noqa: F401
 def _digits_trainer(tmp_path, *overrides):
     from genalign.trainer import Trainer
 
-    cfg = load_config("configs/digits.yaml", [f"output_dir={tmp_path / 'run'}", "eval.judge=false",
+    cfg = load_config("configs/digits_flow_grpo.yaml", [f"output_dir={tmp_path / 'run'}", "eval.judge=false",
                                               "eval_prompts_file=null", "sampling.groups_per_epoch=2",
                                               "sampling.batch_size=32", "train.batch_size=8", "train.num_minibatches=2",
                                               *overrides])
@@ -73,17 +73,42 @@ def test_anchor_joins_the_methods_optimizer_steps(tmp_path):
     assert "anchor/mse" not in runs["plain"][2]
 
 
+@pytest.mark.parametrize("levels", ["schedule", "continuous"])
+def test_anchor_noise_levels(tmp_path, levels):
+    """'schedule': the trained levels sigmas[j] = 1 - j / 10; 'continuous': a record's 9 units stratified over the
+    whole unshifted schedule (unit j in ((8 - j) / 9, (9 - j) / 9]), the timestep 1000 s, drawn from the unit's seed
+    (the same in any micro-batch)."""
+    data = _write_digits(tmp_path, pairs=False, n_per_digit=2)
+    trainer = _digits_trainer(tmp_path, f"data.anchor_file={data}", "data.anchor_per_epoch=6",
+                              f"data.anchor_levels={levels}")
+    a = trainer.anchor
+    u = _anchor_units(trainer)
+    ids = torch.arange(len(u.rows))
+    n = a.noised(u, ids)
+    j = u.steps.float()
+    torch.testing.assert_close(n.timesteps, 1000 * n.s)
+    if levels == "schedule":
+        torch.testing.assert_close(n.s, 1 - j / 10)
+        return
+    assert bool(((n.s > (8 - j) / 9 - 1e-6) & (n.s <= (9 - j) / 9 + 1e-6)).all())
+    assert n.s.min() > 0 and (n.s < 1 / 9 + 1e-6).sum() == 6  # every record once below the schedule's last level
+    assert len(set(n.s[u.steps == 4].tolist())) == 6  # a fresh position per unit, not a fixed grid
+    torch.testing.assert_close(a.noised(u, ids[5:9]).s, n.s[5:9])
+
+
 def test_anchor_options_are_checked(tmp_path):
     base = ["eval.judge=false"]
     with pytest.raises(ConfigError, match="data.anchor_file must be a .jsonl"):
-        load_config("configs/digits.yaml", base + ["data.anchor_file=x.txt"]).validate()
+        load_config("configs/digits_flow_grpo.yaml", base + ["data.anchor_file=x.txt"]).validate()
     with pytest.raises(ConfigError, match="data.anchor_coef must be > 0"):
-        load_config("configs/digits.yaml", base + ["data.anchor_file=x.jsonl", "data.anchor_coef=0"]).validate()
+        load_config("configs/digits_flow_grpo.yaml", base + ["data.anchor_file=x.jsonl", "data.anchor_coef=0"]).validate()
     with pytest.raises(ConfigError, match="data.anchor_per_epoch must be an int >= 1"):
-        load_config("configs/digits.yaml", base + ["data.anchor_file=x.jsonl", "data.anchor_per_epoch=0"]).validate()
+        load_config("configs/digits_flow_grpo.yaml", base + ["data.anchor_file=x.jsonl", "data.anchor_per_epoch=0"]).validate()
+    with pytest.raises(ConfigError, match="data.anchor_levels must be 'continuous' or 'schedule'"):
+        load_config("configs/digits_flow_grpo.yaml", base + ["data.anchor_file=x.jsonl", "data.anchor_levels=uniform"]).validate()
     # any method may carry an anchor: no "option of another method" refusal
-    load_config("configs/digits.yaml", base + ["data.anchor_file=x.jsonl"]).validate()
-    load_config("configs/digits.yaml", base + ["method=diffusion_nft", "data.anchor_file=x.jsonl"]).validate()
+    load_config("configs/digits_flow_grpo.yaml", base + ["data.anchor_file=x.jsonl"]).validate()
+    load_config("configs/digits_flow_grpo.yaml", base + ["method=diffusion_nft", "data.anchor_file=x.jsonl"]).validate()
     with pytest.raises(ConfigError, match="data.anchor_file .*missing.jsonl' does not exist"):
         _digits_trainer(tmp_path, f"data.anchor_file={tmp_path / 'missing.jsonl'}")
     bad = tmp_path / "bad.jsonl"

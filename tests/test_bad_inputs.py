@@ -27,7 +27,7 @@ def test_lora_from_another_base_model_is_refused(tmp_path):
 
 def test_missing_lora_path_lists_where_it_looked(tmp_path):
     digits = load_policy("digits", device="cpu")
-    with pytest.raises(FileNotFoundError, match="no LoRA found.*final/lora"):
+    with pytest.raises(FileNotFoundError, match="no LoRA found.*final/lora/.*denoiser.safetensors"):
         load_lora(digits, str(tmp_path))
 
 

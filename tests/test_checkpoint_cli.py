@@ -71,7 +71,7 @@ def test_cli_sample_writes_pngs_and_manifest(tmp_path):
 
 
 def test_cli_reports_config_errors_and_unavailable_commands(tmp_path, capsys):
-    assert main(["train", "configs/digits.yaml", "train.lrr=1"]) == 2
+    assert main(["train", "configs/digits_flow_grpo.yaml", "train.lrr=1"]) == 2
     assert "did you mean 'train.lr'" in capsys.readouterr().err
     assert main(["sample", "--prompt", "the digit 3", "--rlg", "1", "--out", str(tmp_path / "s")]) == 2
     assert "--rlg needs --lora" in capsys.readouterr().err

@@ -32,17 +32,17 @@ def one_step_stats(trainer, traj, adv, valid, steps):
 
 # --------------------------------------------------------------------------- CPS final step
 def test_cps_trained_final_step_is_refused_at_config_load():
-    cfg = load_config("configs/digits.yaml", ["sampling.step_kind=cps", "sampling.noise_level=0.7",
+    cfg = load_config("configs/digits_flow_grpo.yaml", ["sampling.step_kind=cps", "sampling.noise_level=0.7",
                                               "sampling.last_step_deterministic=false", "train.timestep_fraction=1.0"])
     with pytest.raises(ConfigError, match="last_step_deterministic.*timestep_fraction"):
         cfg.validate()
     # the same keys with the last step untrained are fine
-    load_config("configs/digits.yaml", ["sampling.step_kind=cps", "train.timestep_fraction=1.0",
+    load_config("configs/digits_flow_grpo.yaml", ["sampling.step_kind=cps", "train.timestep_fraction=1.0",
                                         "sampling.last_step_deterministic=true"]).validate()
 
 
 def test_cps_command_from_the_issue_fails_before_sampling(tmp_path, capsys):
-    rc = cli.main(["train", "configs/digits.yaml", "sampling.step_kind=cps", "sampling.noise_level=0.7",
+    rc = cli.main(["train", "configs/digits_flow_grpo.yaml", "sampling.step_kind=cps", "sampling.noise_level=0.7",
                    "sampling.last_step_deterministic=false", "train.timestep_fraction=1.0", "num_epochs=2",
                    f"output_dir={tmp_path / 'run'}"])
     assert rc == 2
@@ -151,9 +151,9 @@ def test_dynamic_sampling_with_no_signal_warns_and_leaves_weights(sd3_dir, tmp_p
 
 def test_dynamic_sampling_is_refused_with_branching_and_dragon():
     with pytest.raises(ConfigError, match="dynamic_sampling"):
-        load_config("configs/digits.yaml", ["train.dynamic_sampling=true", "method=tempflow_grpo"]).validate()
+        load_config("configs/digits_flow_grpo.yaml", ["train.dynamic_sampling=true", "method=tempflow_grpo"]).validate()
     with pytest.raises(ConfigError, match="dynamic_sampling"):
-        load_config("configs/digits.yaml", ["train.dynamic_sampling=true", "method=dragon"]).validate()
+        load_config("configs/digits_flow_grpo.yaml", ["train.dynamic_sampling=true", "method=dragon"]).validate()
 
 
 # --------------------------------------------------------------------------- advantages
@@ -167,7 +167,7 @@ def test_unbiased_advantage_std(sd3_dir, tmp_path, prompts_file):
 
 
 def test_cli_reports_a_failing_reward_without_a_traceback(sd3_dir, tmp_path, prompts_file, capsys):
-    rc = cli.main(["train", "configs/digits.yaml", *tiny_overrides(sd3_dir, tmp_path / "run", prompts_file,
+    rc = cli.main(["train", "configs/digits_flow_grpo.yaml", *tiny_overrides(sd3_dir, tmp_path / "run", prompts_file,
                                                                      reward="nan_for_second")])
     err = capsys.readouterr().err
     assert rc == 1 and "nan_for_second" in err and "Traceback" not in err and "no checkpoint exists yet" in err

@@ -36,10 +36,12 @@ def _manual_grads(trainer, loss):
 
 
 def _assert_same(a, b):
+    """Equal up to float32 summation order (micro-batches against one pass; CPU kernels differ by machine): an
+    absolute tolerance of 1e-5 of the largest gradient entry, far below any error of a weight or a term."""
     scale = max(float(g.abs().max()) for g in a)
     assert scale > 0
     for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6 * scale)
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5 * scale)
 
 
 # ---------------------------------------------------------------- AWM
@@ -183,7 +185,7 @@ def test_dgpo_can_measure_the_margins_against_the_old_policy(sd3_dir, tmp_path, 
     base.objective.before_step(u, base.objective.minibatches(u, 0, 0)[0])
     assert base.objective.margins.abs().max() > 0
     with pytest.raises(ConfigError, match="dgpo.reference = 'old' measures the margins against the EMA old policy"):
-        load_config("configs/digits.yaml", ["method=dgpo", "dgpo.reference=old", "dgpo.clip=false"]).validate()
+        load_config("configs/digits_flow_grpo.yaml", ["method=dgpo", "dgpo.reference=old", "dgpo.clip=false"]).validate()
 
 
 def test_dgpo_optimizer_steps_hold_whole_groups(sd3_dir, tmp_path, prompts_file):
@@ -231,7 +233,7 @@ def test_sft_can_sample_from_the_frozen_reference(sd3_dir, tmp_path, prompts_fil
     policy = trainer.sample_epoch(0)[0].final
     assert torch.equal(drawn, base) and not torch.allclose(drawn, policy)
     with pytest.raises(ConfigError, match="sft.sample_from chooses who samples; with data.train_file"):
-        load_config("configs/digits.yaml", ["method=sft", "sft.sample_from=reference",
+        load_config("configs/digits_flow_grpo.yaml", ["method=sft", "sft.sample_from=reference",
                                             "data.train_file=x.jsonl"]).validate()
 
 
@@ -309,7 +311,7 @@ def test_flux_encode_images_packs_like_the_rollout():
 def _digits_run(tmp_path, *overrides):
     from genalign.trainer import Trainer
 
-    cfg = load_config("configs/digits.yaml", [f"output_dir={tmp_path / 'run'}", "eval.judge=false",
+    cfg = load_config("configs/digits_flow_grpo.yaml", [f"output_dir={tmp_path / 'run'}", "eval.judge=false",
                                               "eval.num_per_prompt=10", *overrides])
     Trainer(cfg).train()
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
@@ -336,14 +338,14 @@ def test_sft_on_demonstrations_learns_on_digits(tmp_path):
 
 def test_data_options_are_checked():
     with pytest.raises(ConfigError, match="data.train_file must be a .jsonl"):
-        load_config("configs/digits.yaml", ["method=sft", "data.train_file=x.txt"]).validate()
+        load_config("configs/digits_flow_grpo.yaml", ["method=sft", "data.train_file=x.txt"]).validate()
     with pytest.raises(ConfigError, match="data.train_file is an option of method diffusion_dpo / sft, not of "
                                           "method flow_grpo"):
-        load_config("configs/digits.yaml", ["data.train_file=x.jsonl"]).validate()
+        load_config("configs/digits_flow_grpo.yaml", ["data.train_file=x.jsonl"]).validate()
     with pytest.raises(ConfigError, match="sft.top_k must be an int in \\[1, sampling.group_size"):
-        load_config("configs/digits.yaml", ["method=sft", "sft.top_k=99"]).validate()
+        load_config("configs/digits_flow_grpo.yaml", ["method=sft", "sft.top_k=99"]).validate()
     with pytest.raises(ConfigError, match="dragon.loss='kto', dragon.pairing='unpaired' belong to method dragon"):
-        load_config("configs/digits.yaml", ["method=diffusion_dpo", "dragon.loss=kto",
+        load_config("configs/digits_flow_grpo.yaml", ["method=diffusion_dpo", "dragon.loss=kto",
                                             "dragon.pairing=unpaired"]).validate()
 
 
@@ -489,7 +491,7 @@ def test_group_preference_objective_trains_every_flow_adapter(tmp_path, prompts_
 def test_full_fine_tuning_needs_a_reference_copy_when_the_method_uses_the_base(tmp_path, overrides, refused):
     from genalign.trainer import Trainer
 
-    cfg = load_config("configs/digits.yaml", [f"output_dir={tmp_path}", "lora.enabled=false", "train.kl_beta=0",
+    cfg = load_config("configs/digits_flow_grpo.yaml", [f"output_dir={tmp_path}", "lora.enabled=false", "train.kl_beta=0",
                                               "eval_prompts_file=null", *overrides])
     if refused:
         with pytest.raises(ConfigError, match=f"method {cfg.method} .* uses the reference policy, which full "

@@ -1,5 +1,6 @@
-"""End to end (slow): the default run aligns the shipped digits model (`genalign train configs/digits.yaml`), and
-the independent judge and the hacking checks see what it costs."""
+"""End to end (slow). The default run (`genalign train configs/digits.yaml`) aligns the shipped `digits_wide` model
+without collapse, judged by the independent judge; Flow-GRPO with a KL on the small model
+(`configs/digits_flow_grpo.yaml`) reaches the reward by collapsing, and the hacking checks flag it."""
 
 import json
 from pathlib import Path
@@ -9,20 +10,44 @@ import pytest
 from genalign.config import load_config
 from genalign.trainer import Trainer
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+KEY = "eval/digit_correct.accuracy"
 
 
 @pytest.mark.slow
-def test_default_digits_run_raises_prompt_accuracy_and_is_judged(tmp_path):
-    cfg = load_config(str(CONFIG), [f"output_dir={tmp_path / 'run'}"])
+def test_default_run_aligns_without_collapse(tmp_path):
+    """The issue's target on the run's own evaluations (1,000 images, 40 ODE steps, EMA weights): accuracy >= 0.97,
+    independent FD within 10% of the base's, diversity ratio >= 0.90; never flagged as hacking."""
+    out = tmp_path / "run"
+    metrics = Trainer(load_config(str(CONFIGS / "digits.yaml"), [f"output_dir={out}"])).train()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if KEY in r]
+    base = evals[0]
+    assert 0.4 <= base[KEY] <= 0.7 and 0.08 <= base["eval/fd_independent"] <= 0.14, base
+    final = evals[-1]
+    assert final[KEY] >= ACCURACY, final
+    assert final["eval/fd_independent"] <= FD_RISE * base["eval/fd_independent"], (base, final)
+    assert final["eval/diversity_ratio"] >= DIVERSITY, final
+    assert metrics["hacking/flag"] == 0.0  # the final evaluation is within the hacking checks' bounds
+    assert metrics["anchor/units"] > 0
+    # the evaluated (EMA) weights are exported with their base model's id, loadable by sample / grid / eval
+    from genalign.sampling import base_model_of
+
+    assert base_model_of(str(out / "final" / "denoiser_ema.safetensors")) == "digits_wide"
+    assert (out / "before_after.png").is_file()
+
+
+@pytest.mark.slow
+def test_flow_grpo_run_raises_prompt_accuracy_and_is_judged(tmp_path):
+    cfg = load_config(str(CONFIGS / "digits_flow_grpo.yaml"), [f"output_dir={tmp_path / 'run'}"])
     metrics = Trainer(cfg).train()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     first = rows[0]
     base, final = first["eval/digit_correct.accuracy"], metrics["eval/digit_correct.accuracy"]
     assert 0.4 <= base <= 0.8
-    # measured over 3 seeds (README, "The default run"): 0.97-0.98; the guard leaves room for seed noise
+    # measured over 3 seeds (README, "Flow-GRPO on the small model"): 0.97-0.98; the guard leaves room for seed noise
     assert final >= 0.93 and final >= base + 0.3, (base, final)
-    # the independent judge (pixel PCA, real held-out digits): base near 0.17 / 1.05; the default pays in realism
+    # the independent judge (pixel PCA, real held-out digits): base near 0.17 / 1.05; the run pays in realism
     # and diversity (README: FD about 1.6x, diversity ratio about 0.72), which these bounds pin down from both sides
     fd0, div0 = first["eval/fd_independent"], first["eval/diversity_ratio"]
     fd, div = metrics["eval/fd_independent"], metrics["eval/diversity_ratio"]

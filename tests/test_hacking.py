@@ -125,9 +125,9 @@ def test_judge_encoder_needs_references_and_unknown_encoder_is_named():
     from genalign.plugins import load_encoder
 
     with pytest.raises(ConfigError, match="eval.judge_references"):
-        load_config("configs/digits.yaml", ["eval.judge_encoder=dino"]).validate()
+        load_config("configs/digits_flow_grpo.yaml", ["eval.judge_encoder=dino"]).validate()
     with pytest.raises(ConfigError, match="eval.on_hacking"):
-        load_config("configs/digits.yaml", ["eval.on_hacking=halt"]).validate()
+        load_config("configs/digits_flow_grpo.yaml", ["eval.on_hacking=halt"]).validate()
     with pytest.raises(ValueError, match="unknown judge encoder 'inceptionv9'.*'digits'"):
         load_encoder("inceptionv9")
     assert load_encoder("digits").encode(torch.rand(2, 3, 8, 8)).shape == (2, 128)
@@ -137,7 +137,7 @@ def digits_trainer(tmp_path, *overrides):
     from genalign.config import load_config
     from genalign.trainer import Trainer
 
-    cfg = load_config("configs/digits.yaml", [
+    cfg = load_config("configs/digits_flow_grpo.yaml", [
         f"output_dir={tmp_path / 'run'}", "num_epochs=3", "sampling.groups_per_epoch=2", "sampling.group_size=8",
         "sampling.batch_size=16", "train.batch_size=8", "train.num_minibatches=2", "eval.every=1",
         "eval.num_per_prompt=4", *overrides])

@@ -14,7 +14,7 @@ from genalign.method_specs import METHODS, MethodSpec, get_method, register_meth
 from genalign.prompts import KRepeatSampler, read_prompts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
+DIGITS = os.path.join(ROOT, "configs", "digits_flow_grpo.yaml")
 ALL = ["adv_grpo", "awm", "dgpo", "diffusion_dpo", "diffusion_nft", "dragon", "flow_grpo", "flow_grpo_fast", "grpo_guard",
        "mixgrpo", "sft", "tempflow_grpo"]
 FORWARD_PROCESS = {"awm", "dgpo", "diffusion_dpo", "diffusion_nft", "sft"}  # clean samples, any sampler
@@ -23,7 +23,7 @@ FULL_SDE = {"flow_grpo", "grpo_guard", "dragon", "adv_grpo"}
 
 
 def digits_config(method: str, *overrides: str) -> Config:
-    """configs/digits.yaml under ``method`` (adv_grpo: with its reward and references)."""
+    """configs/digits_flow_grpo.yaml under ``method`` (adv_grpo: with its reward and references)."""
     return load_config(DIGITS, [f"method={method}", *(ADV if method == "adv_grpo" else []), *overrides])
 
 
@@ -100,14 +100,18 @@ def test_default_method_is_flow_grpo():
 def test_every_digits_config_loads_and_validates():
     paths = sorted(glob.glob(os.path.join(ROOT, "configs", "digits_*.yaml")))
     found = {os.path.basename(p)[len("digits_"):-len(".yaml")] for p in paths}
-    assert found == set(ALL) - {"flow_grpo"}  # configs/digits.yaml is flow_grpo's
-    for path in paths + [DIGITS]:
+    assert found == set(ALL)  # one runnable config per method on the small model
+    for path in paths:
         cfg = load_config(path)
         cfg.validate()
-        name = os.path.basename(path)[len("digits_"):-len(".yaml")] if path != DIGITS else "flow_grpo"
+        name = os.path.basename(path)[len("digits_"):-len(".yaml")]
         assert cfg.method == name and cfg.model.id == "digits"
-        assert cfg.output_dir == ("runs/digits" if name == "flow_grpo" else f"runs/digits_{name}")
+        assert cfg.output_dir == f"runs/digits_{name}"
         check_plan(cfg, 0)
+    default = load_config(os.path.join(ROOT, "configs", "digits.yaml"))  # the default run: the wide model
+    default.validate()
+    assert default.method == "flow_grpo" and default.model.id == "digits_wide" and default.output_dir == "runs/digits"
+    check_plan(default, 0)
 
 
 def test_train_mode_is_refused(tmp_path):

@@ -113,9 +113,9 @@ def test_nft_options_are_checked_and_refused_elsewhere():
     from genalign.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="nft.beta must be > 0"):
-        load_config("configs/digits.yaml", ["method=diffusion_nft", "nft.beta=0"]).validate()
+        load_config("configs/digits_flow_grpo.yaml", ["method=diffusion_nft", "nft.beta=0"]).validate()
     with pytest.raises(ConfigError, match="nft.beta is set, but nft.\* are the options of method diffusion_nft"):
-        load_config("configs/digits.yaml", ["nft.beta=0.5"]).validate()
+        load_config("configs/digits_flow_grpo.yaml", ["nft.beta=0.5"]).validate()
     cfg = load_config(None, ["method=diffusion_nft"])
     assert cfg.sampling.noise_level == 0.0 and cfg.method_spec().objective == "nft"
 
@@ -125,7 +125,7 @@ def test_nft_learns_on_digits(tmp_path):
     from genalign.config import load_config
     from genalign.trainer import Trainer
 
-    cfg = load_config("configs/digits.yaml", [
+    cfg = load_config("configs/digits_flow_grpo.yaml", [
         f"output_dir={tmp_path / 'run'}", "method=diffusion_nft", "sampling.noise_level=0", "train.kl_beta=0",
         "num_epochs=8", "eval.every=8", "eval.num_per_prompt=10", "eval.judge=false"])
     Trainer(cfg).train()

@@ -87,7 +87,7 @@ def test_eval_split_holds_out_part_of_one_prompt_set(tmp_path):
     from genalign.prompts import read_prompts, run_prompt_records
     from genalign.trainer import Trainer
 
-    cfg = load_config("configs/digits.yaml", [f"output_dir={tmp_path / 'run'}", "eval_split=0.25",
+    cfg = load_config("configs/digits_flow_grpo.yaml", [f"output_dir={tmp_path / 'run'}", "eval_split=0.25",
                                               "eval_prompts_file=null"])
     cfg.validate()
     train, held = run_prompt_records(cfg)
@@ -97,9 +97,9 @@ def test_eval_split_holds_out_part_of_one_prompt_set(tmp_path):
     assert [r["prompt"] for r in held] == [p for p in everything if p in {r["prompt"] for r in held}]  # file order
     trainer = Trainer(cfg)
     assert trainer.prompts == [r["prompt"] for r in train] and trainer.eval_prompts == [r["prompt"] for r in held]
-    other = load_config("configs/digits.yaml", ["eval_split=0.25", "eval_prompts_file=null", "seed=1"])
+    other = load_config("configs/digits_flow_grpo.yaml", ["eval_split=0.25", "eval_prompts_file=null", "seed=1"])
     assert run_prompt_records(other)[1] != held  # drawn by the seed
     with pytest.raises(ConfigError, match="eval_prompts_file = 'digits:prompts_eval.txt' would be a second source"):
-        load_config("configs/digits.yaml", ["eval_split=0.25"]).validate()
+        load_config("configs/digits_flow_grpo.yaml", ["eval_split=0.25"]).validate()
     with pytest.raises(ConfigError, match="eval_split must be a fraction in \\(0, 1\\)"):
-        load_config("configs/digits.yaml", ["eval_split=1.5", "eval_prompts_file=null"]).validate()
+        load_config("configs/digits_flow_grpo.yaml", ["eval_split=1.5", "eval_prompts_file=null"]).validate()

@@ -89,7 +89,7 @@ def test_dry_run_with_overrides_and_key_listing(capsys):
 
 
 def test_dry_run_marks_invalid_process_counts(capsys):
-    assert cli.main(["config", str(ROOT / "configs/digits.yaml")]) == 0
+    assert cli.main(["config", str(ROOT / "configs/digits_flow_grpo.yaml")]) == 0
     out = capsys.readouterr().out
     assert "# 1 | yes" in out and "# 8 | no: " in out and "use sampling.batch_size 16" in out
 

@@ -431,7 +431,7 @@ def test_dance_steps_train_a_digits_epoch_with_first_ratio_one(tmp_path):
     from genalign.config import load_config
     from genalign.trainer import Trainer
 
-    cfg = load_config("configs/digits.yaml", [
+    cfg = load_config("configs/digits_flow_grpo.yaml", [
         f"output_dir={tmp_path / 'run'}", "num_epochs=1", "sampling.step_kind=dance", "sampling.noise_level=0.5",
         "sampling.groups_per_epoch=2", "sampling.group_size=8", "sampling.batch_size=16", "train.batch_size=8",
         "train.num_minibatches=2", "eval_prompts_file=null"])

@@ -202,4 +202,4 @@ def test_evaluation_resolution_is_decoupled_from_training(sd3_dir, tmp_path, pro
 
 def test_digits_refuses_an_evaluation_resolution(tmp_path):
     with pytest.raises(ConfigError, match="eval.height / eval.width: the DigitsPolicy adapter samples at one fixed"):
-        Trainer(load_config("configs/digits.yaml", [f"output_dir={tmp_path}", "eval.height=16"]))
+        Trainer(load_config("configs/digits_flow_grpo.yaml", [f"output_dir={tmp_path}", "eval.height=16"]))

@@ -18,6 +18,15 @@ record is trained at every trained noise level of the sampler's schedule (a *uni
 (a mean over the GLOBAL unit count of the step) to the method's loss, through the same backward passes and the same
 optimizer step (no second loop). The anchor is not regularised to the reference policy (``train.kl_beta`` belongs
 to the method's own loss).
+
+Noise levels (``data.anchor_levels``): ``schedule`` trains at the trained levels ``sigmas[j]`` of the sampler's
+schedule (with 10 steps and ``train.timestep_fraction`` 0.99: 1.0, 0.9, ..., 0.2), as the forward-process
+objectives do. ``continuous`` (default) trains where pretraining did: a record's ``k`` units are stratified over the
+whole schedule, unit ``r`` at position ``p = (r + f) T / k`` with ``f ~ U(0, 1)`` from the unit's seed, ``s`` the
+schedule's sigma interpolated linearly at ``p`` (so ``s`` covers ``(0, sigma_0]``, uniform for an unshifted
+schedule, the schedule's density for a shifted one) and the timestep ``s * timesteps[0] / sigmas[0]`` (every flow
+adapter's timesteps are proportional to its sigmas). Evaluation with more ODE steps than training, and the last
+steps below ``sigmas[k]`` that no policy-gradient step trains, then query levels the anchor has fitted.
 """
 
 from __future__ import annotations
@@ -44,6 +53,22 @@ class DataAnchor(ForwardProcessObjective):
         require_flow_model(ctx.policy, ctx.cfg.method, "data.anchor_file")
         self.dataset = dataset
         self.coef = float(ctx.cfg.data.anchor_coef)
+        self.continuous = ctx.cfg.data.anchor_levels == "continuous"
+
+    def levels(self, sub, js: torch.Tensor, seeds: torch.Tensor):
+        if not self.continuous:
+            return super().levels(sub, js, seeds)
+        from ..methods import mix_seed, nft_steps
+
+        k = len(nft_steps(self.cfg))  # the units per record; unit j is the record's j-th (steps are 0..k-1)
+        T = sub.timesteps.shape[1]
+        f = torch.tensor([torch.rand(1, generator=torch.Generator().manual_seed(mix_seed(int(x), 1))).item()
+                          for x in seeds], device=js.device)
+        p = ((js.float() + f) * T / k).clamp(max=T - 1e-4)
+        lo = p.floor().long()
+        r = torch.arange(len(js), device=js.device)
+        s = torch.lerp(sub.sigmas[r, lo].float(), sub.sigmas[r, lo + 1].float(), p - lo)
+        return s, s * (sub.timesteps[:, 0] / sub.sigmas[:, 0]).to(s.dtype)
 
     def unit_loss(self, u: ForwardUnits, ids: torch.Tensor, total):
         n = self.noised(u, ids)

@@ -171,11 +171,15 @@ class ForwardProcessObjective(ObjectiveBase):
         x0 = sub.final.float()
         noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(int(s)))
                              for s in u.seeds[ids]]).to(dev)
-        r = torch.arange(len(rows), device=dev)
-        j = js.to(dev)
-        s, timesteps = sub.sigmas[r, j].float(), sub.timesteps[r, j]
+        s, timesteps = self.levels(sub, js.to(dev), u.seeds[ids])
         sb = s.view(-1, *[1] * (x0.ndim - 1))
         return Noised(sub, x0, noise, (1 - sb) * x0 + sb * noise, s, timesteps)
+
+    def levels(self, sub, js: torch.Tensor, seeds: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Noise levels ``s [B]`` and model timesteps ``[B]`` of units at schedule steps ``js`` of the rows ``sub``:
+        the schedule's own ``sigmas[j]`` / ``timesteps[j]``."""
+        r = torch.arange(len(js), device=js.device)
+        return sub.sigmas[r, js].float(), sub.timesteps[r, js]
 
     def velocity(self, n: Noised) -> torch.Tensor:
         """The policy's velocity at ``n.x_t`` (float32, with gradient when enabled)."""
