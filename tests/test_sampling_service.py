@@ -253,5 +253,16 @@ def test_cli_eval_on_two_processes_equals_one_process(tmp_path):
                               text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-4000:]
         results[name] = json.loads((tmp_path / name / "eval.json").read_text())
-    assert results["two"]["metrics"] == results["one"]["metrics"]
-    assert results["two"]["rewards"] == results["one"]["rewards"]
+    # the same images; the means are reduced in another order across processes (float32 round-off, CPU-dependent)
+    assert results["two"]["metrics"] == pytest.approx(results["one"]["metrics"], rel=1e-6)
+    def leaves(x):  # the numbers and strings of a nested result, in order
+        if isinstance(x, dict):
+            return [v for k in sorted(x) for v in [k, *leaves(x[k])]]
+        if isinstance(x, list):
+            return [v for item in x for v in leaves(item)]
+        return [x]
+
+    two, one = leaves(results["two"]["rewards"]), leaves(results["one"]["rewards"])
+    assert [v for v in two if isinstance(v, str)] == [v for v in one if isinstance(v, str)]
+    assert [v for v in two if not isinstance(v, str)] == pytest.approx([v for v in one if not isinstance(v, str)],
+                                                                       rel=1e-6)
