@@ -52,6 +52,11 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+
+DIGITS_MODELS = ("digits", "digits_wide")
+"""The shipped digits generators (folders of ``genalign.assets``; ``genalign.pipelines.digits.SHIPPED_NAMES``);
+defined here so that validating a config imports no model code."""
+
 @dataclass
 class ModelConfig:
     id: str = "digits"
@@ -521,7 +526,7 @@ class Config:
             raise ConfigError(f"eval.judge_encoder = {self.eval.judge_encoder!r} needs eval.judge_references "
                               f"(a directory of reference images the judge compares with)")
         text_options = [k for k in ("drop_t5", "offload_text_encoders", "cache_prompt_embeds") if getattr(self.model, k)]
-        if text_options and self.model.id in ("digits", "digits_wide"):
+        if text_options and self.model.id in DIGITS_MODELS:
             raise ConfigError(f"model.{text_options[0]} applies to diffusers text-to-image models (SD3 / Flux / SD); "
                               f"the digits model has no text encoders to drop, offload or cache")
         self._validate_estimators()
@@ -602,7 +607,7 @@ class Config:
         import os
 
         m, f = self.model.id, self.eval_prompts_file
-        digits_model = m in ("digits", "digits_wide") or os.path.isfile(os.path.join(m, "policy.json"))
+        digits_model = m in DIGITS_MODELS or os.path.isfile(os.path.join(m, "policy.json"))
         if f is not None and f.startswith("digits:") and not digits_model:
             raise ConfigError(
                 f"eval_prompts_file = {f!r} is a digits prompt file but model.id = {m!r} is not the digits model "

@@ -50,7 +50,7 @@ from genalign.policy import (
 PAD = "<pad>"
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DEFAULT_NAME = "digits"
-SHIPPED_NAMES = ("digits", "digits_wide")
+from genalign.config import DIGITS_MODELS as SHIPPED_NAMES  # noqa: E402  (one list of the shipped names)
 """The shipped generators (folders of ``genalign.assets``): ``digits`` (patch 4, 3 blocks of width 64; the base of
 the method comparisons) and ``digits_wide`` (patch 2, 4 blocks of width 128; the base of the default run, README
 "The default run"). Both were pretrained with 40% random captions by ``genalign pretrain-digits``."""
