@@ -74,6 +74,19 @@ def _log_has(log_path: str, marker: str) -> bool:
         return marker in fh.read()
 
 
+def _writing_since(out_dir: str, start: float) -> list:
+    """Checkpoint temp directories created since ``start`` (leftovers of an earlier killed write are ignored).
+    A directory can be renamed to its final name between the listing and the stat: that one is done, skip it."""
+    writing = []
+    for d in glob.glob(os.path.join(out_dir, "checkpoints", ".tmp-checkpoint-*")):
+        try:
+            if os.path.getmtime(d) >= start:
+                writing.append(d)
+        except FileNotFoundError:
+            continue
+    return writing
+
+
 def run_once(out_dir: str, epochs: int, resume: bool, kill_at: Optional[tuple], kill_in_checkpoint: bool,
              log_path: str) -> Dict:
     """Start the run; kill it ``delay`` s after the log shows ``marker`` (``kill_at = (marker, delay)``),
@@ -83,8 +96,7 @@ def run_once(out_dir: str, epochs: int, resume: bool, kill_at: Optional[tuple], 
         start, seen = time.time(), None
         while proc.poll() is None:
             elapsed = time.time() - start
-            writing = [d for d in glob.glob(os.path.join(out_dir, "checkpoints", ".tmp-checkpoint-*"))
-                       if os.path.getmtime(d) >= start]  # ignore leftovers of an earlier killed write
+            writing = _writing_since(out_dir, start)
             if kill_at is not None and seen is None and _log_has(log_path, kill_at[0]):
                 seen = time.time()
             due = seen is not None and time.time() - seen >= kill_at[1]
