@@ -429,6 +429,10 @@ class DataConfig:
     """Noise levels of the anchor's units: 'continuous' (each record's units stratified over the whole schedule,
     sigma in (0, 1], as in pretraining) or 'schedule' (the sampler's trained levels sigmas[j], as the
     forward-process objectives)."""
+    anchor_units: Optional[int] = None
+    """Units (noise levels) per anchor record with ``anchor_levels: continuous``, stratified over the whole schedule;
+    None = one per trained step of the sampler (as ``schedule``). Fewer units per record cost less per epoch; more
+    records (``anchor_per_epoch``) cover the data better for the same cost."""
 
 
 @dataclass
@@ -598,6 +602,12 @@ class Config:
             raise ConfigError(f"data.anchor_per_epoch must be an int >= 1, got {d.anchor_per_epoch!r}")
         if d.anchor_levels not in ("continuous", "schedule"):
             raise ConfigError(f"data.anchor_levels must be 'continuous' or 'schedule', got {d.anchor_levels!r}")
+        if d.anchor_units is not None:
+            if not (isinstance(d.anchor_units, int) and not isinstance(d.anchor_units, bool) and d.anchor_units >= 1):
+                raise ConfigError(f"data.anchor_units must be an int >= 1 or null, got {d.anchor_units!r}")
+            if d.anchor_levels != "continuous":
+                raise ConfigError(f"data.anchor_units ({d.anchor_units}) needs data.anchor_levels: continuous; with "
+                                  f"'schedule' every record trains at each trained step (set data.anchor_units: null)")
 
     def _validate_eval_prompts(self) -> None:
         """A model other than the shipped digits ones ('digits', 'digits_wide' or a directory with the digits ``policy.json``)

@@ -128,16 +128,37 @@ def _base_param_count(denoiser: torch.nn.Module) -> int:
 
 
 FULL_WEIGHTS = "denoiser.safetensors"
+FULL_EMA_WEIGHTS = "denoiser_ema.safetensors"
 FULL_META = "denoiser.json"
+
+
+def _evaluated_ema(run_dir: str) -> Optional[Tuple[str, str]]:
+    """The EMA export of a run directory whose training-time evaluation used it (``eval.use_ema`` in its
+    ``config.json`` and ``final/lora_ema`` or ``final/denoiser_ema.safetensors`` written), else None."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as fh:
+            use_ema = bool(json.load(fh).get("eval", {}).get("use_ema"))
+    except (OSError, ValueError, AttributeError):
+        return None
+    final = os.path.join(run_dir, "final")
+    if use_ema and os.path.isfile(os.path.join(final, "lora_ema", "adapter_model.safetensors")):
+        return "lora", os.path.join(final, "lora_ema")
+    if use_ema and os.path.isfile(os.path.join(final, FULL_EMA_WEIGHTS)):
+        return "full", os.path.join(final, FULL_EMA_WEIGHTS)
+    return None
 
 
 def find_tuned(path: str) -> Tuple[str, str]:
     """``("lora", directory)`` or ``("full", safetensors file)`` for a LoRA directory, a full fine-tune's
-    ``denoiser*.safetensors``, a checkpoint or a run directory (its final weights, else its latest checkpoint's)."""
+    ``denoiser*.safetensors``, a checkpoint or a run directory: the weights its evaluation used (the EMA export when
+    ``eval.use_ema`` and the EMA was written), else its final weights, else its latest checkpoint's."""
     if os.path.isfile(path) and path.endswith(".safetensors"):
         if os.path.basename(path) == "adapter_model.safetensors":
             return "lora", os.path.dirname(path)
         return "full", path
+    ema = _evaluated_ema(path)
+    if ema is not None:
+        return ema
     dirs = [path, os.path.join(path, "final")]
     from .checkpoint import latest_checkpoint
 

@@ -32,7 +32,7 @@ from .checkpoint import Checkpointer, resolve_resume
 from .config import Config, ConfigError
 from .ema import EMA
 from .hacking import HackingMonitor
-from .lora import add_lora, has_lora, save_lora, write_base_meta
+from .lora import FULL_EMA_WEIGHTS, FULL_WEIGHTS, add_lora, has_lora, save_lora, write_base_meta
 from .methods import EpochPlan, mix_seed as _seed
 from .objectives import EpochBatch, TrainContext, build_objective
 from .optim import NonFiniteError, OptimizerStep, build_optimizer, save_state_hooks
@@ -645,11 +645,11 @@ class Trainer:
                 save_file({n: p.detach().cpu().contiguous() for n, p in self.denoiser.state_dict().items()},
                           os.path.join(final, name))
 
-            write("denoiser.safetensors")
+            write(FULL_WEIGHTS)
             write_base_meta(os.path.join(final, "denoiser.json"), self.denoiser, self.cfg.model.id)
             if self.ema_used:
                 with self.ema.swapped_in():
-                    write("denoiser_ema.safetensors")
+                    write(FULL_EMA_WEIGHTS)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -96,6 +96,19 @@ def test_anchor_noise_levels(tmp_path, levels):
     torch.testing.assert_close(a.noised(u, ids[5:9]).s, n.s[5:9])
 
 
+def test_anchor_units_per_record(tmp_path):
+    """data.anchor_units 3: three units per record, unit j in ((2 - j) / 3, (3 - j) / 3] of the unshifted schedule."""
+    data = _write_digits(tmp_path, pairs=False, n_per_digit=2)
+    trainer = _digits_trainer(tmp_path, f"data.anchor_file={data}", "data.anchor_per_epoch=6", "data.anchor_units=3")
+    u = _anchor_units(trainer)
+    assert len(u.rows) == 18 and sorted(u.steps.tolist()) == [0] * 6 + [1] * 6 + [2] * 6
+    assert sorted(u.rows.tolist()) == sorted(list(range(6)) * 3)
+    n = trainer.anchor.noised(u, torch.arange(len(u.rows)))
+    j = u.steps.float()
+    assert bool(((n.s > (2 - j) / 3 - 1e-6) & (n.s <= (3 - j) / 3 + 1e-6)).all())
+    assert trainer.anchor.stats(u) == {"anchor/units": 18.0}
+
+
 def test_anchor_options_are_checked(tmp_path):
     base = ["eval.judge=false"]
     with pytest.raises(ConfigError, match="data.anchor_file must be a .jsonl"):
@@ -106,6 +119,11 @@ def test_anchor_options_are_checked(tmp_path):
         load_config("configs/digits_flow_grpo.yaml", base + ["data.anchor_file=x.jsonl", "data.anchor_per_epoch=0"]).validate()
     with pytest.raises(ConfigError, match="data.anchor_levels must be 'continuous' or 'schedule'"):
         load_config("configs/digits_flow_grpo.yaml", base + ["data.anchor_file=x.jsonl", "data.anchor_levels=uniform"]).validate()
+    with pytest.raises(ConfigError, match="data.anchor_units must be an int >= 1"):
+        load_config("configs/digits_flow_grpo.yaml", base + ["data.anchor_file=x.jsonl", "data.anchor_units=0"]).validate()
+    with pytest.raises(ConfigError, match=r"data.anchor_units \(3\) needs data.anchor_levels: continuous"):
+        load_config("configs/digits_flow_grpo.yaml", base + ["data.anchor_file=x.jsonl", "data.anchor_units=3",
+                                                             "data.anchor_levels=schedule"]).validate()
     # any method may carry an anchor: no "option of another method" refusal
     load_config("configs/digits_flow_grpo.yaml", base + ["data.anchor_file=x.jsonl"]).validate()
     load_config("configs/digits_flow_grpo.yaml", base + ["method=diffusion_nft", "data.anchor_file=x.jsonl"]).validate()

@@ -73,3 +73,26 @@ def test_full_finetune_from_another_model_is_refused(tmp_path):
     save_file({"no_such.weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="has weights this model lacks: \\['no_such.weight'\\]"):
         load_policy_with_loras("digits", [str(tmp_path / "other.safetensors")])
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_run_directory_resolves_to_the_weights_its_evaluation_used(tmp_path, lora):
+    """A run directory: the EMA export when its config has eval.use_ema and the EMA was written; otherwise (no
+    use_ema, or no EMA file) the final weights."""
+    run, final = tmp_path / "run", tmp_path / "run" / "final"
+    names = ("lora", "lora_ema") if lora else ("denoiser.safetensors", "denoiser_ema.safetensors")
+    for n in names:
+        target = final / n / "adapter_model.safetensors" if lora else final / n
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"")
+    kind = "lora" if lora else "full"
+    for use_ema, expected in ((True, names[1]), (False, names[0])):
+        (run / "config.json").write_text(json.dumps({"eval": {"use_ema": use_ema}}))
+        assert find_tuned(str(run)) == (kind, str(final / expected))
+    (run / "config.json").write_text(json.dumps({"eval": {"use_ema": True}}))
+    ema = final / names[1]
+    if lora:
+        (ema / "adapter_model.safetensors").unlink()
+    else:
+        ema.unlink()
+    assert find_tuned(str(run)) == (kind, str(final / names[0]))  # no EMA written: the final weights

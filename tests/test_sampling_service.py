@@ -203,7 +203,8 @@ def test_cli_eval_reproduces_evaluator_on_saved_lora(tuned, tmp_path):
 @pytest.mark.parametrize("ema,ema_every", [("false", 8), ("true", 8), ("true", 1)])
 def test_training_eval_is_reproduced_by_genalign_eval(tmp_path, ema, ema_every):
     """The last evaluation used final/lora_ema when it exists (an EMA updated at least once and eval.use_ema),
-    else final/lora (the trained weights): one optimizer step with ema_every 8 never updates the EMA."""
+    else final/lora (the trained weights): one optimizer step with ema_every 8 never updates the EMA. The run
+    directory given to --lora resolves to those weights."""
     from genalign.config import load_config
     from genalign.trainer import Trainer
 
@@ -224,7 +225,10 @@ def test_training_eval_is_reproduced_by_genalign_eval(tmp_path, ema, ema_every):
     logged = {k: v for k, v in rows[-1].items() if k.startswith("eval/")}
     assert "eval/reward" in logged
     out = tmp_path / "eval"
-    assert main(["eval", "--config", str(run / "config.json"), "--lora", str(lora), "--out", str(out)]) == 0
+    from genalign.lora import find_lora_dir
+
+    assert find_lora_dir(str(run)) == str(lora)  # the run directory names the weights its evaluation used
+    assert main(["eval", "--config", str(run / "config.json"), "--lora", str(run), "--out", str(out)]) == 0
     result = json.loads((out / "eval.json").read_text())
     assert result["metrics"] == logged
 

@@ -10,7 +10,7 @@ Human Feedback", arXiv 2302.12192).
 
 ``data.anchor_file`` holds demonstrations (jsonl records ``prompt`` and ``image``, read as ``data.train_file`` is, see
 :mod:`genalign.datasets`). Each epoch ``data.anchor_per_epoch`` records are drawn from a fresh permutation; each
-record is trained at every trained noise level of the sampler's schedule (a *unit*, noised from its own seed as in
+record is trained at several noise levels (a *unit* each, noised from its own seed as in
 :mod:`genalign.objectives.forward`), and the epoch's units are split over its optimizer steps. An optimizer step adds
 
     data.anchor_coef * mean over its units of mean_e (v_theta(x_s, s) - (eps - x0))^2
@@ -21,12 +21,14 @@ to the method's own loss).
 
 Noise levels (``data.anchor_levels``): ``schedule`` trains at the trained levels ``sigmas[j]`` of the sampler's
 schedule (with 10 steps and ``train.timestep_fraction`` 0.99: 1.0, 0.9, ..., 0.2), as the forward-process
-objectives do. ``continuous`` (default) trains where pretraining did: a record's ``k`` units are stratified over the
-whole schedule, unit ``r`` at position ``p = (r + f) T / k`` with ``f ~ U(0, 1)`` from the unit's seed, ``s`` the
-schedule's sigma interpolated linearly at ``p`` (so ``s`` covers ``(0, sigma_0]``, uniform for an unshifted
-schedule, the schedule's density for a shifted one) and the timestep ``s * timesteps[0] / sigmas[0]`` (every flow
-adapter's timesteps are proportional to its sigmas). Evaluation with more ODE steps than training, and the last
-steps below ``sigmas[k]`` that no policy-gradient step trains, then query levels the anchor has fitted.
+objectives do. ``continuous`` (default) trains where pretraining did: a record's ``k`` units (``data.anchor_units``,
+default one per trained step) are stratified over the whole schedule, unit ``r`` at position ``p = (r + f) T / k``
+with ``f ~ U(0, 1)`` from the unit's seed, ``s`` the schedule's sigma interpolated linearly at ``p`` (so ``s`` covers
+``(0, sigma_0]``, uniform for an unshifted schedule, the schedule's density for a shifted one) and the timestep
+``s * timesteps[0] / sigmas[0]`` (every flow adapter's timesteps are proportional to its sigmas). Evaluation with
+more ODE steps than training, and the last steps below the last trained level that no policy-gradient step trains,
+then query levels the anchor has fitted. Fewer units per record make an epoch cheaper (the anchor's units can cost
+more than the method's own).
 """
 
 from __future__ import annotations
@@ -55,12 +57,23 @@ class DataAnchor(ForwardProcessObjective):
         self.coef = float(ctx.cfg.data.anchor_coef)
         self.continuous = ctx.cfg.data.anchor_levels == "continuous"
 
+    def units_per_record(self) -> int:
+        """``data.anchor_units``, else one per trained step of the sampler."""
+        from ..methods import nft_steps
+
+        return self.cfg.data.anchor_units or len(nft_steps(self.cfg))
+
+    def train_steps(self, batch) -> torch.Tensor:
+        if not self.continuous:
+            return super().train_steps(batch)
+        return torch.arange(self.units_per_record()).expand(len(batch.local), -1)
+
     def levels(self, sub, js: torch.Tensor, seeds: torch.Tensor):
         if not self.continuous:
             return super().levels(sub, js, seeds)
-        from ..methods import mix_seed, nft_steps
+        from ..methods import mix_seed
 
-        k = len(nft_steps(self.cfg))  # the units per record; unit j is the record's j-th (steps are 0..k-1)
+        k = self.units_per_record()  # unit j is the record's j-th of k (j = 0..k-1)
         T = sub.timesteps.shape[1]
         f = torch.tensor([torch.rand(1, generator=torch.Generator().manual_seed(mix_seed(int(x), 1))).item()
                           for x in seeds], device=js.device)
