@@ -2,11 +2,13 @@
 ``genalign train ... overrides``, e.g. the wide-model levers of the README's "The default run").
 
     python benchmarks/collect_evals.py --out NAME.json --note "how they ran" NAME=RUN_DIR[:OVERRIDES] ...
+    python benchmarks/collect_evals.py --out NAME.json --append NAME=RUN_DIR[:OVERRIDES] ...   # add runs
 
 (written to benchmarks/results/NAME.json).
 
-Per run: the overrides as given (text), and every evaluation row of ``RUN_DIR/metrics.jsonl`` (epoch, images,
-accuracy, independent FD, diversity ratio, Vendi, hacking flag).
+Per run: the overrides as given (text), every evaluation row of ``RUN_DIR/metrics.jsonl`` (epoch, images,
+accuracy, independent FD, diversity ratio, Vendi, hacking flag) and, where ``RUN_DIR/judge.json`` exists (written by
+``benchmarks/judge_digits.py --out RUN_DIR/judge.json``), the judged final weights as ``judge_2000``.
 """
 
 from __future__ import annotations
@@ -36,15 +38,27 @@ def main(argv=None) -> int:
     ap.add_argument("runs", nargs="+", metavar="NAME=RUN_DIR[:OVERRIDES]")
     ap.add_argument("--out", required=True)
     ap.add_argument("--note", default="")
+    ap.add_argument("--append", action="store_true",
+                    help="keep the runs (and, without --note, the note) already in --out; same-named runs are replaced")
     args = ap.parse_args(argv)
-    runs = {}
+    runs, note = {}, args.note
+    path = os.path.join(C.RESULTS, args.out)
+    if args.append and os.path.isfile(path):
+        with open(path) as fh:
+            old = json.load(fh)
+        runs, note = old["runs"], args.note or old.get("note", "")
     for item in args.runs:
         name, sep, rest = item.partition("=")
         if not sep:
             ap.error(f"expected NAME=RUN_DIR[:OVERRIDES], got {item!r}")
         run_dir, _, overrides = rest.partition(":")
         runs[name] = {"run_dir": run_dir, "overrides": overrides, "evals": curve(run_dir)}
-    print("wrote", C.write_json(args.out, {"note": args.note, "runs": runs}))
+        judged = os.path.join(run_dir, "judge.json")
+        if os.path.isfile(judged):
+            with open(judged) as fh:
+                report = json.load(fh)
+            runs[name]["judge_2000"] = {"settings": report["settings"], **report["models"]}
+    print("wrote", C.write_json(args.out, {"note": note, "runs": runs}))
     return 0
 
 

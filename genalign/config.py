@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 import yaml
 
 from .errors import ConfigError, check_choice as _choice  # noqa: F401 - ConfigError is re-exported here
+from .optim import LR_SCHEDULES
 
 if TYPE_CHECKING:  # imported inside functions below (torch); method_specs never imports this module
     from .method_specs import MethodSpec
@@ -164,7 +165,16 @@ class TrainConfig:
     """'adamw' (torch, fused on CUDA) or 'adamw8bit' (bitsandbytes' 8-bit AdamW, Dettmers et al. 2022,
     arXiv 2110.02861: optimizer state in 8 bits, about 75% less optimizer memory; pip install 'genalign[bnb]')."""
     lr: float = 3e-4
-    """AdamW learning rate."""
+    """AdamW learning rate (the peak of ``lr_schedule``)."""
+    lr_schedule: str = "constant"
+    """Learning rate over the run, set at the start of every epoch from the epoch index (so a resumed run continues
+    it exactly): 'constant', 'cosine' (half a cosine from ``lr`` down to ``lr * lr_min_ratio`` over the epochs after
+    the warm-up; Loshchilov & Hutter, arXiv 1608.03983) or 'linear' (a straight line between the same ends). The
+    schedule spans ``num_epochs``: raising ``num_epochs`` when resuming stretches what is left of it."""
+    lr_warmup_epochs: int = 0
+    """Epochs of linear warm-up before the schedule (epoch e < warm-up uses ``lr * (e + 1) / lr_warmup_epochs``)."""
+    lr_min_ratio: float = 0.0
+    """Where 'cosine' and 'linear' end, as a fraction of ``lr``."""
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     """AdamW betas."""
     weight_decay: float = 1e-4
@@ -433,6 +443,10 @@ class DataConfig:
     """Units (noise levels) per anchor record with ``anchor_levels: continuous``, stratified over the whole schedule;
     None = one per trained step of the sampler (as ``schedule``). Fewer units per record cost less per epoch; more
     records (``anchor_per_epoch``) cover the data better for the same cost."""
+    anchor_shift: float = 1.0
+    """With ``anchor_levels: continuous``: the stratified levels ``s`` are moved towards high noise by the time shift
+    ``shift * s / (1 + (shift - 1) * s)`` (SD3's shift, arXiv 2403.03206 §5.3.2); 1 = unchanged, 3 puts the median
+    level at 0.75. High noise is where the drawn class is decided; low noise is texture."""
 
 
 @dataclass
@@ -525,6 +539,13 @@ class Config:
         if t.surrogate == "dppo_mask" and not t.dppo_threshold > 0:
             raise ConfigError(f"train.dppo_threshold must be > 0, got {t.dppo_threshold}")
         _choice("train.optimizer", t.optimizer, ["adamw", "adamw8bit"])
+        _choice("train.lr_schedule", t.lr_schedule, list(LR_SCHEDULES))
+        if not (isinstance(t.lr_warmup_epochs, int) and not isinstance(t.lr_warmup_epochs, bool)
+                and 0 <= t.lr_warmup_epochs <= max(self.num_epochs, 0)):
+            raise ConfigError(f"train.lr_warmup_epochs must be an int in [0, num_epochs = {self.num_epochs}], got "
+                              f"{t.lr_warmup_epochs!r}")
+        if not (isinstance(t.lr_min_ratio, (int, float)) and 0 <= t.lr_min_ratio <= 1):
+            raise ConfigError(f"train.lr_min_ratio must be in [0, 1] (a fraction of train.lr), got {t.lr_min_ratio!r}")
         _choice("eval.on_hacking", self.eval.on_hacking, ["warn", "stop", "ignore"])
         if self.eval.judge_encoder and not self.eval.judge_references:
             raise ConfigError(f"eval.judge_encoder = {self.eval.judge_encoder!r} needs eval.judge_references "
@@ -608,6 +629,11 @@ class Config:
             if d.anchor_levels != "continuous":
                 raise ConfigError(f"data.anchor_units ({d.anchor_units}) needs data.anchor_levels: continuous; with "
                                   f"'schedule' every record trains at each trained step (set data.anchor_units: null)")
+        if not (isinstance(d.anchor_shift, (int, float)) and not isinstance(d.anchor_shift, bool) and d.anchor_shift > 0):
+            raise ConfigError(f"data.anchor_shift must be > 0 (1 = no shift), got {d.anchor_shift!r}")
+        if d.anchor_shift != 1 and d.anchor_levels != "continuous":
+            raise ConfigError(f"data.anchor_shift ({d.anchor_shift:g}) needs data.anchor_levels: continuous; 'schedule' "
+                              f"trains at the sampler's own levels (set data.anchor_shift: 1)")
 
     def _validate_eval_prompts(self) -> None:
         """A model other than the shipped digits ones ('digits', 'digits_wide' or a directory with the digits ``policy.json``)

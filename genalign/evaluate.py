@@ -148,7 +148,8 @@ def evaluate(model: Optional[str], prompts: Sequence[str], rewards, num_per_prom
     bootstrap = {"resamples": resamples, "seed": bootstrap_seed}
     return {
         "model": model, "checkpoint": lora, "baseline": baseline, "config": config, "prompts": list(prompts),
-        "num_per_prompt": num_per_prompt, "seed": seed, "num_steps": steps, "num_samples": evaluator.num_images,
+        "num_per_prompt": num_per_prompt, "seed": seed, "num_steps": steps,
+        "guidance_scale": getattr(policy, "guidance_scale", guidance_scale), "num_samples": evaluator.num_images,
         "reward_weights": weights, "metrics": metrics, "bootstrap": {**bootstrap, "confidence": CONFIDENCE},
         "rewards": summarize(prompts, num_per_prompt, parts, base_scores, **bootstrap),
         "judge": {k: v for k, v in judged.items() if v},
@@ -165,7 +166,9 @@ def to_markdown(result: dict) -> str:
     head = "| reward | mean | std | 95% CI |" + (" baseline mean | baseline 95% CI | win rate |" if has_base else "")
     lines = [f"# Evaluation of {result['checkpoint'] or 'the base model'} ({result['model']})", "",
              f"{result['num_samples']} images: {len(result['prompts'])} prompts x {result['num_per_prompt']} seeds "
-             f"from {result['seed']}, {result['num_steps']} steps; baseline: {result['baseline'] or 'none'}. "
+             f"from {result['seed']}, {result['num_steps']} steps"
+             + (f", guidance scale {result['guidance_scale']:g}" if result.get("guidance_scale") is not None else "")
+             + f"; baseline: {result['baseline'] or 'none'}. "
              f"CIs: percentile bootstrap, {result['bootstrap']['resamples']} resamples.", "",
              "As a training run logs it: " + ", ".join(f"{k} = {v:.4f}" for k, v in result["metrics"].items())
              + ".", ""]

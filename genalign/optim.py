@@ -20,10 +20,15 @@ are recorded (and always for sharded wrappers, whose parameters only exist insid
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
+
+from .errors import ConfigError
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 class NonFiniteError(RuntimeError):
@@ -103,6 +108,11 @@ class OptimizerStep:
             if deepspeed:
                 self.acc.gradient_state._set_sync_gradients(True)
 
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate of every parameter group (the schedule's value for this epoch)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -155,6 +165,24 @@ class OptimizerStep:
 OPTIMIZERS = ("adamw", "adamw8bit")
 
 
+def lr_factor(schedule: str, epoch: int, num_epochs: int, warmup_epochs: int = 0, min_ratio: float = 0.0) -> float:
+    """The learning rate of 0-based ``epoch`` as a fraction of the peak (``train.lr_schedule``): a linear warm-up
+    over ``warmup_epochs`` ((epoch + 1) / warmup_epochs), then 'constant' 1, or 'cosine' / 'linear' from 1 at the
+    first epoch after the warm-up towards ``min_ratio`` at ``num_epochs`` (Loshchilov & Hutter, arXiv 1608.03983)."""
+    if epoch < warmup_epochs:
+        return (epoch + 1) / warmup_epochs
+    if schedule == "constant":
+        return 1.0
+    progress = min((epoch - warmup_epochs) / max(num_epochs - warmup_epochs, 1), 1.0)
+    if schedule == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif schedule == "linear":
+        shape = 1.0 - progress
+    else:
+        raise ConfigError(f"train.lr_schedule must be one of {list(LR_SCHEDULES)}, got {schedule!r}")
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
 def build_optimizer(params: Iterable[torch.nn.Parameter], train_cfg, device=None) -> torch.optim.Optimizer:
     """The optimizer ``train.optimizer`` names, on ``params`` with ``train.lr``, ``betas``, ``weight_decay`` and
     ``adam_eps``: ``adamw`` = ``torch.optim.AdamW`` (decoupled weight decay, Loshchilov & Hutter, arXiv
@@ -162,8 +190,6 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], train_cfg, device=None
     optimizer state, Dettmers et al., arXiv 2110.02861; needs the optional extra ``genalign[bnb]`` and, for
     bitsandbytes' kernels, usually CUDA). Raises :class:`genalign.config.ConfigError` for another name or when
     bitsandbytes is missing."""
-    from .config import ConfigError
-
     params = list(params)
     name = getattr(train_cfg, "optimizer", "adamw")
     kwargs = dict(lr=train_cfg.lr, betas=tuple(train_cfg.betas), weight_decay=train_cfg.weight_decay,
@@ -195,4 +221,4 @@ def save_state_hooks(accelerator) -> None:
     accelerator.register_load_state_pre_hook(on_load)
 
 
-__all__ = ["NonFiniteError", "OptimizerStep", "build_optimizer", "route_forward", "save_state_hooks"]
+__all__ = ["NonFiniteError", "OptimizerStep", "build_optimizer", "lr_factor", "route_forward", "save_state_hooks"]

@@ -35,7 +35,7 @@ from .hacking import HackingMonitor
 from .lora import FULL_EMA_WEIGHTS, FULL_WEIGHTS, add_lora, has_lora, save_lora, write_base_meta
 from .methods import EpochPlan, mix_seed as _seed
 from .objectives import EpochBatch, TrainContext, build_objective
-from .optim import NonFiniteError, OptimizerStep, build_optimizer, save_state_hooks
+from .optim import NonFiniteError, OptimizerStep, build_optimizer, lr_factor, save_state_hooks
 from .plugins import load_policy
 from .policy import check_prompt_conditioning, encode_prompts
 from .prompts import KRepeatSampler, run_prompt_records
@@ -243,8 +243,10 @@ class Trainer:
         if self.epoch == 0 and self.eval_prompts:
             evals = self.evaluate(save_before=True)
             self.run_dir.log({"epoch": 0, "global_step": 0, "samples_seen": 0, **evals, **self._watch(0, evals)})
+        t = cfg.train
         for epoch in range(self.epoch, cfg.num_epochs):
             t_start = time.time()
+            self.optim.set_lr(t.lr * lr_factor(t.lr_schedule, epoch, cfg.num_epochs, t.lr_warmup_epochs, t.lr_min_ratio))
             extra = self.train_discriminator(epoch) if self.adversary is not None else {}
             if self.dataset is not None:
                 batch = self.dataset_epoch(epoch)

@@ -109,6 +109,17 @@ def test_anchor_units_per_record(tmp_path):
     assert trainer.anchor.stats(u) == {"anchor/units": 18.0}
 
 
+def test_anchor_shift_moves_the_continuous_levels_towards_high_noise(tmp_path):
+    """data.anchor_shift 3: the same stratified draws, each mapped through 3 s / (1 + 2 s) (timesteps follow)."""
+    data = _write_digits(tmp_path, pairs=False, n_per_digit=2)
+    opts = [f"data.anchor_file={data}", "data.anchor_per_epoch=6", "data.anchor_units=3"]
+    plain = _digits_trainer(tmp_path / "plain", *opts)
+    shifted = _digits_trainer(tmp_path / "shifted", *opts, "data.anchor_shift=3")
+    a, b = (t.anchor.noised(_anchor_units(t), torch.arange(18)) for t in (plain, shifted))
+    torch.testing.assert_close(b.s, 3 * a.s / (1 + 2 * a.s))
+    assert bool((b.s >= a.s).all()) and float(b.s.median()) > float(a.s.median())
+
+
 def test_anchor_options_are_checked(tmp_path):
     base = ["eval.judge=false"]
     with pytest.raises(ConfigError, match="data.anchor_file must be a .jsonl"):
@@ -123,6 +134,11 @@ def test_anchor_options_are_checked(tmp_path):
         load_config("configs/digits_flow_grpo.yaml", base + ["data.anchor_file=x.jsonl", "data.anchor_units=0"]).validate()
     with pytest.raises(ConfigError, match=r"data.anchor_units \(3\) needs data.anchor_levels: continuous"):
         load_config("configs/digits_flow_grpo.yaml", base + ["data.anchor_file=x.jsonl", "data.anchor_units=3",
+                                                             "data.anchor_levels=schedule"]).validate()
+    with pytest.raises(ConfigError, match="data.anchor_shift must be > 0"):
+        load_config("configs/digits_flow_grpo.yaml", base + ["data.anchor_file=x.jsonl", "data.anchor_shift=0"]).validate()
+    with pytest.raises(ConfigError, match=r"data.anchor_shift \(3\) needs data.anchor_levels: continuous"):
+        load_config("configs/digits_flow_grpo.yaml", base + ["data.anchor_file=x.jsonl", "data.anchor_shift=3",
                                                              "data.anchor_levels=schedule"]).validate()
     # any method may carry an anchor: no "option of another method" refusal
     load_config("configs/digits_flow_grpo.yaml", base + ["data.anchor_file=x.jsonl"]).validate()

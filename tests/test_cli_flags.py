@@ -96,12 +96,12 @@ def test_eval_flags_and_reward_options(flux_lora, loaded, tmp_path, monkeypatch)
     out = str(tmp_path / "eval")
     assert main(["eval", "--lora", lora, "--baseline", "base", "--rewards", "jpeg_compressibility",
                  "--num-per-prompt", "2", "--reward-options", '{"jpeg_compressibility": {"quality": 50}}',
-                 "--out", out, *FLAGS]) == 0
+                 "--guidance-scale", "2.5", "--out", out, *FLAGS]) == 0
     _check_policy(loaded, model)
     assert calls == [{"default_device": "cpu", "quality": 50}]
     with open(os.path.join(out, "eval.json")) as fh:
         result = json.load(fh)
-    assert result["model"] == model and result["num_samples"] == 2
+    assert result["model"] == model and result["num_samples"] == 2 and result["guidance_scale"] == 2.5
 
 
 def test_missing_base_model_json_is_named(flux_lora, tmp_path, capsys):

@@ -108,7 +108,7 @@ def test_cli_grid_writes_png_and_html_referencing_every_image(lora_dir, tmp_path
 
 
 EVAL_FIELDS = {"model", "checkpoint", "baseline", "config", "prompts", "num_per_prompt", "seed", "num_steps",
-               "num_samples", "reward_weights", "metrics", "bootstrap", "rewards", "judge"}
+               "guidance_scale", "num_samples", "reward_weights", "metrics", "bootstrap", "rewards", "judge"}
 REWARD_FIELDS = {"mean", "std", "ci95", "per_prompt", "baseline", "win_rate", "win_rate_ci95"}
 
 
@@ -119,6 +119,7 @@ def test_cli_eval_writes_documented_fields_and_self_win_rate_is_half(lora_dir, t
                  "--steps", str(STEPS), "--out", str(out)]) == 0
     result = json.loads((out / "eval.json").read_text())
     assert set(result) == EVAL_FIELDS and result["num_samples"] == 6
+    assert result["guidance_scale"] == 1.0  # the digits model's own scale: no flag given
     assert result["reward_weights"] == {"digit_correct": 1.0} and result["config"] is None
     assert result["metrics"]["eval/digit_correct"] == pytest.approx(result["rewards"]["digit_correct"]["mean"])
     assert set(result["bootstrap"]) == {"resamples", "seed", "confidence"}

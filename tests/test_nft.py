@@ -114,7 +114,7 @@ def test_nft_options_are_checked_and_refused_elsewhere():
 
     with pytest.raises(ConfigError, match="nft.beta must be > 0"):
         load_config("configs/digits_flow_grpo.yaml", ["method=diffusion_nft", "nft.beta=0"]).validate()
-    with pytest.raises(ConfigError, match="nft.beta is set, but nft.\* are the options of method diffusion_nft"):
+    with pytest.raises(ConfigError, match=r"nft.beta is set, but nft.\* are the options of method diffusion_nft"):
         load_config("configs/digits_flow_grpo.yaml", ["nft.beta=0.5"]).validate()
     cfg = load_config(None, ["method=diffusion_nft"])
     assert cfg.sampling.noise_level == 0.0 and cfg.method_spec().objective == "nft"

@@ -1,13 +1,15 @@
-"""The one optimizer step (genalign/optim.py): forward routing through a wrapper, NaN/inf refusal, checkpoint
-hooks, the shipped accelerate configs, and accumulation invariance of the DRAGON objective (the policy-gradient
+"""The one optimizer step (genalign/optim.py): forward routing through a wrapper, NaN/inf refusal, the learning-rate
+schedules' closed forms, checkpoint hooks, the shipped accelerate configs, and accumulation invariance of the DRAGON objective (the policy-gradient
 objective's is in test_trainer.py, the LLM step's in test_llm.py)."""
 
+import math
 import os
 
 import pytest
 import torch
 
-from genalign.optim import NonFiniteError, OptimizerStep, route_forward, save_state_hooks
+from genalign.errors import ConfigError
+from genalign.optim import NonFiniteError, OptimizerStep, lr_factor, route_forward, save_state_hooks
 
 from .test_trainer import make_trainer, prompts_file, sd3_dir  # noqa: F401
 
@@ -67,6 +69,22 @@ def test_non_finite_gradient_raises_before_the_update_and_names_where():
     stats, norm = step.run([ok_loss, ok_loss])
     assert step.num_steps == 1 and torch.isfinite(norm) and stats["loss"].ndim == 0
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_lr_schedules_follow_their_closed_forms():
+    def at(schedule, epoch, **kw):
+        return lr_factor(schedule, epoch, 10, **kw)
+
+    assert [at("constant", e) for e in (0, 9)] == [1.0, 1.0]
+    assert at("cosine", 0) == 1.0 and at("linear", 0) == 1.0
+    assert at("cosine", 5) == pytest.approx(0.5) and at("cosine", 5, min_ratio=0.2) == pytest.approx(0.6)
+    assert at("cosine", 8) == pytest.approx(0.5 * (1 + math.cos(0.8 * math.pi)))
+    assert at("linear", 9) == pytest.approx(0.1) and at("linear", 9, min_ratio=0.5) == pytest.approx(0.55)
+    # linear warm-up over 4 epochs, then the schedule over the remaining 6 starting at its peak
+    assert [at("cosine", e, warmup_epochs=4) for e in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert at("cosine", 7, warmup_epochs=4) == pytest.approx(0.5) and at("constant", 1, warmup_epochs=4) == 0.5
+    with pytest.raises(ConfigError, match="train.lr_schedule must be one of"):
+        lr_factor("step", 0, 10)
 
 
 def test_prepared_models_stay_out_of_accelerate_state(tmp_path):

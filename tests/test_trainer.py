@@ -104,20 +104,24 @@ def test_lora_export_loads_in_plain_diffusers(sd3_dir, tmp_path, prompts_file):
 
 
 def test_resume_continues_and_equals_uninterrupted_run(sd3_dir, tmp_path, prompts_file):
-    full = make_trainer(sd3_dir, tmp_path / "full", prompts_file, num_epochs=2)
+    # a cosine schedule over 2 epochs: lr 1e-3 then 5e-4, continued by the resumed run from the epoch index
+    cosine = {"train.lr_schedule": "cosine"}
+    full = make_trainer(sd3_dir, tmp_path / "full", prompts_file, num_epochs=2, **cosine)
     full.train()
-    first = make_trainer(sd3_dir, tmp_path / "split", prompts_file, num_epochs=1)
+    first = make_trainer(sd3_dir, tmp_path / "split", prompts_file, num_epochs=1, **cosine)
     first.train()
     assert first.global_step == 1
-    resumed = make_trainer(sd3_dir, tmp_path / "split", prompts_file, num_epochs=2, resume="latest")
+    resumed = make_trainer(sd3_dir, tmp_path / "split", prompts_file, num_epochs=2, resume="latest", **cosine)
     assert (resumed.epoch, resumed.global_step) == (1, 1)
     resumed.train()
     assert resumed.global_step == 2
     a, b = lora_params(full), lora_params(resumed)
     for n in a:
         torch.testing.assert_close(a[n], b[n], rtol=0, atol=0)
-    epochs = [json.loads(line)["epoch"] for line in open(tmp_path / "split" / "metrics.jsonl")]
-    assert epochs == [1, 2]
+    for run in ("full", "split"):
+        rows = [json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")]
+        assert [r["epoch"] for r in rows] == [1, 2]
+        assert [r["lr"] for r in rows] == pytest.approx([1e-3, 5e-4])
 
 
 def test_resume_with_incompatible_config_lists_keys(sd3_dir, tmp_path, prompts_file):
@@ -165,6 +169,11 @@ def test_config_errors_name_the_key(tmp_path, prompts_file):
         load_config(str(bad))
     with pytest.raises(ConfigError, match="step_kind.*choose one of"):
         load_config(None, ["sampling.step_kind=euler"]).validate()
+    for override, match in [("train.lr_schedule=step", "train.lr_schedule.*choose one of"),
+                            ("train.lr_warmup_epochs=-1", "train.lr_warmup_epochs must be an int"),
+                            ("train.lr_min_ratio=2", "train.lr_min_ratio must be in")]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, [override]).validate()
 
 
 def test_empty_prompt_file_is_a_clear_error(sd3_dir, tmp_path):

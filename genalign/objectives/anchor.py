@@ -28,7 +28,9 @@ with ``f ~ U(0, 1)`` from the unit's seed, ``s`` the schedule's sigma interpolat
 ``s * timesteps[0] / sigmas[0]`` (every flow adapter's timesteps are proportional to its sigmas). Evaluation with
 more ODE steps than training, and the last steps below the last trained level that no policy-gradient step trains,
 then query levels the anchor has fitted. Fewer units per record make an epoch cheaper (the anchor's units can cost
-more than the method's own).
+more than the method's own). ``data.anchor_shift`` moves the continuous levels towards high noise by SD3's time
+shift ``shift * s / (1 + (shift - 1) * s)`` (Esser et al. 2024, arXiv 2403.03206 §5.3.2): the levels where the drawn
+class is decided get more of the units, the low-noise texture levels fewer.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class DataAnchor(ForwardProcessObjective):
         self.dataset = dataset
         self.coef = float(ctx.cfg.data.anchor_coef)
         self.continuous = ctx.cfg.data.anchor_levels == "continuous"
+        self.shift = float(ctx.cfg.data.anchor_shift)
 
     def units_per_record(self) -> int:
         """``data.anchor_units``, else one per trained step of the sampler."""
@@ -81,6 +84,8 @@ class DataAnchor(ForwardProcessObjective):
         lo = p.floor().long()
         r = torch.arange(len(js), device=js.device)
         s = torch.lerp(sub.sigmas[r, lo].float(), sub.sigmas[r, lo + 1].float(), p - lo)
+        if self.shift != 1.0:
+            s = self.shift * s / (1 + (self.shift - 1) * s)
         return s, s * (sub.timesteps[:, 0] / sub.sigmas[:, 0]).to(s.dtype)
 
     def unit_loss(self, u: ForwardUnits, ids: torch.Tensor, total):
