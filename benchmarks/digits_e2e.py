@@ -1,7 +1,8 @@
 """End-to-end cost and quality of a digits run over seeds: wall time, generated samples until the prompt accuracy
 reaches 0.9 / 0.95 / 0.97, and the independent judge on 2,000 images of unseen seeds.
 
-    python benchmarks/digits_e2e.py [--config configs/digits.yaml] [--seeds 0 1 2] [--max-epochs N] [-- overrides...]
+    python benchmarks/digits_e2e.py [--config configs/digits.yaml] [--seeds 0 1 2] [--max-epochs N] [--reuse]
+        [-- overrides...]
 
 Runs ``genalign train CONFIG seed=S`` (the default run as a user runs it: its own evaluation settings) in a subprocess
 per seed, one after another (a temporary output directory unless ``--output-dir``), reads each run's ``metrics.jsonl``
@@ -62,25 +63,43 @@ def judge_steps(out_dir: str) -> int:
     return int(cfg["eval"]["num_steps"] or cfg["sampling"]["num_steps"])
 
 
-def run_seed(seed: int, out_dir: str, overrides, config: str) -> dict:
-    """One run of ``config`` (subprocess) with ``seed``, then the independent judge on 2,000 images of unseen seeds."""
+def finished(out_dir: str) -> bool:
+    """Whether ``out_dir`` holds a finished run (its ``final/`` weights exist)."""
+    try:
+        judged_weights(out_dir)
+    except (FileNotFoundError, OSError):
+        return False
+    return True
+
+
+def run_seed(seed: int, out_dir: str, overrides, config: str, reuse: bool = False) -> dict:
+    """One run of ``config`` (subprocess) with ``seed``, then the independent judge on 2,000 images of unseen seeds.
+    With ``reuse`` a finished run already in ``out_dir`` is not trained again (its ``wall_s`` is then None: only the
+    run's own ``elapsed_s`` is known) and its ``judge.json`` is read when present."""
     import judge_digits
 
     cmd = [sys.executable, "-m", "genalign.cli", "train", config, f"output_dir={out_dir}", f"seed={seed}", *overrides]
-    env = dict(os.environ, TQDM_DISABLE="1")
-    t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, env=env)
-    wall = time.time() - t0
+    reused = reuse and finished(out_dir)
+    if reused:
+        returncode, wall = 0, None
+    else:
+        env = dict(os.environ, TQDM_DISABLE="1")
+        t0 = time.time()
+        returncode = subprocess.run(cmd, cwd=REPO, env=env).returncode
+        wall = time.time() - t0
     with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
         rows = [json.loads(line) for line in fh if line.strip()]
     evals = [{"epoch": r["epoch"], "samples_seen": r["samples_seen"], "elapsed_s": r.get("elapsed_s", 0.0),
               "accuracy": r[KEY], "fd_independent": r.get("eval/fd_independent"),
               "diversity_ratio": r.get("eval/diversity_ratio")} for r in rows if KEY in r]
     judge_path = os.path.join(out_dir, "judge.json")
-    judge_digits.main(["--lora", judged_weights(out_dir), "--num-steps", str(judge_steps(out_dir)), "--out", judge_path])
+    if not (reused and os.path.exists(judge_path)):
+        judge_digits.main(["--lora", judged_weights(out_dir), "--num-steps", str(judge_steps(out_dir)),
+                           "--out", judge_path])
     with open(judge_path) as fh:
         judged = json.load(fh)["models"]
-    return {"seed": seed, "train_command": " ".join(cmd[1:]), "returncode": proc.returncode, "wall_s": wall,
+    return {"seed": seed, "train_command": " ".join(cmd[1:]), "returncode": returncode, "wall_s": wall,
+            "reused": reused,
             "train_elapsed_s": rows[-1].get("elapsed_s") if rows else None,
             "reach_0.9": first_reaching(rows, 0.9), "reach_0.95": first_reaching(rows, 0.95),
             "reach_0.97": first_reaching(rows, 0.97),
@@ -96,15 +115,19 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds, run one after another")
     ap.add_argument("--max-epochs", type=int, default=None, help="override num_epochs (default: the config's)")
     ap.add_argument("--out", default="digits_e2e.json")
+    ap.add_argument("--reuse", action="store_true",
+                    help="do not retrain a seed whose finished run is already in --output-dir (e.g. after an "
+                         "interruption); its wall time is then unknown and only its run-measured elapsed_s counts")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     parent = args.output_dir or tempfile.mkdtemp(prefix="genalign_digits_e2e_")
     overrides = list(args.overrides) + ([f"num_epochs={args.max_epochs}"] if args.max_epochs else [])
     config = os.path.join(REPO, args.config) if not os.path.isabs(args.config) else args.config
-    seeds = [run_seed(seed, os.path.join(parent, f"seed{seed}"), overrides, config) for seed in args.seeds]
+    seeds = [run_seed(seed, os.path.join(parent, f"seed{seed}"), overrides, config, args.reuse) for seed in args.seeds]
     summary = {key: C.mean_std([r["judge_2000"]["tuned"][key] for r in seeds])
                for key in ("accuracy", "fd_independent", "diversity_ratio", "vendi")}
     summary["wall_s"] = C.mean_std([r["wall_s"] for r in seeds])
+    summary["train_elapsed_s"] = C.mean_std([r["train_elapsed_s"] for r in seeds])
     for t in ("0.9", "0.95", "0.97"):
         summary[f"samples_to_{t}"] = C.mean_std([(r[f"reach_{t}"] or {}).get("samples_seen") for r in seeds])
         summary[f"seconds_to_{t}"] = C.mean_std([(r[f"reach_{t}"] or {}).get("elapsed_s") for r in seeds])
@@ -112,6 +135,7 @@ def main(argv=None):
     threads = os.environ.get("OMP_NUM_THREADS")
     result = {"command": (f"OMP_NUM_THREADS={threads} " if threads else "") + "python benchmarks/digits_e2e.py "
                          f"--config {args.config} --seeds " + " ".join(map(str, args.seeds))
+                         + (" --reuse" if args.reuse else "")
                          + (" -- " + " ".join(overrides) if overrides else ""),
               "config": args.config,
               "machine": C.machine("cpu"), "base_2000": base, "summary": summary, "seeds": seeds,
