@@ -67,7 +67,7 @@ def finished(out_dir: str) -> bool:
     """Whether ``out_dir`` holds a finished run (its ``final/`` weights exist)."""
     try:
         judged_weights(out_dir)
-    except (FileNotFoundError, OSError):
+    except OSError:  # no config.json or no final weights
         return False
     return True
 

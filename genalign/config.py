@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 import yaml
 
 from .errors import ConfigError, check_choice as _choice  # noqa: F401 - ConfigError is re-exported here
-from .optim import LR_SCHEDULES
+from .choices import LR_SCHEDULES
 
 if TYPE_CHECKING:  # imported inside functions below (torch); method_specs never imports this module
     from .method_specs import MethodSpec

@@ -26,9 +26,8 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
+from .choices import LR_SCHEDULES
 from .errors import ConfigError
-
-LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 class NonFiniteError(RuntimeError):
