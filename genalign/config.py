@@ -239,6 +239,11 @@ class TrainConfig:
     the predicted clean samples s^2 (v - v_ref)^2) or 'v' (velocity space: mean (v - v_ref)^2 of the denoiser's
     predictions at the same input). None: the objective's own ('x' for the policy gradient, 'v' for DiffusionNFT,
     AWM, DGPO and SFT)."""
+    frozen_modules: List[str] = field(default_factory=list)
+    """Full fine-tuning: regular expressions searched (``re.search``) in the denoiser's parameter names; the
+    parameters that match stay frozen (not trained, not in the EMA or the optimizer). Each pattern must match at
+    least one parameter. E.g. ``['context', 'add_', 'text_embedder']`` keeps an MMDiT's text stream (SD3 / the
+    digits model) as pretrained and trains the image stream only. With LoRA choose ``lora.target_modules`` instead."""
     reference_device: Optional[str] = None
     """Full fine-tuning with train.reference_copy: keep the frozen reference copy on this device ('cpu' saves
     accelerator memory; its forward then runs on the CPU). None: the policy's device."""
@@ -536,6 +541,17 @@ class Config:
                               f"needs train.reference_copy = true (with LoRA the reference is the base weights)")
         if t.kl_space is not None:
             _choice("train.kl_space", t.kl_space, ["x", "v"])
+        if not (isinstance(t.frozen_modules, list) and all(isinstance(x, str) and x for x in t.frozen_modules)):
+            raise ConfigError(f"train.frozen_modules must be a list of non-empty regular expressions, got "
+                              f"{t.frozen_modules!r}")
+        for pattern in t.frozen_modules:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"train.frozen_modules: {pattern!r} is not a regular expression ({e})") from None
+        if t.frozen_modules and self.lora.enabled:
+            raise ConfigError(f"train.frozen_modules ({t.frozen_modules}) selects what full fine-tuning trains; with "
+                              f"lora.enabled the adapters' lora.target_modules decide it")
         if t.surrogate == "dppo_mask" and not t.dppo_threshold > 0:
             raise ConfigError(f"train.dppo_threshold must be > 0, got {t.dppo_threshold}")
         _choice("train.optimizer", t.optimizer, ["adamw", "adamw8bit"])

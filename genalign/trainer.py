@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -193,6 +194,7 @@ class Trainer:
                                   f"reference policy, which full fine-tuning has no copy of: set "
                                   f"train.reference_copy=true (keeps a frozen copy) or lora.enabled=true")
             self.denoiser.requires_grad_(True)
+            freeze_matching(self.denoiser, t.frozen_modules)
         self.denoiser.to(self.device)
         if t.gradient_checkpointing:
             if not hasattr(self.denoiser, "enable_gradient_checkpointing"):
@@ -655,6 +657,21 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- helpers
+
+def freeze_matching(module: torch.nn.Module, patterns: List[str]) -> None:
+    """Freeze the parameters of ``module`` whose names contain a match of one of ``patterns``
+    (``train.frozen_modules``); a pattern matching no parameter raises ConfigError naming it."""
+    if not patterns:
+        return
+    names = [n for n, _ in module.named_parameters()]
+    unused = [p for p in patterns if not any(re.search(p, n) for n in names)]
+    if unused:
+        raise ConfigError(f"train.frozen_modules: {unused} match no parameter of {type(module).__name__} "
+                          f"(parameter names look like {names[:3]} ... {names[-2:]})")
+    for n, p in module.named_parameters():
+        if any(re.search(pat, n) for pat in patterns):
+            p.requires_grad_(False)
+
 
 def _policy_modules(policy) -> List[torch.nn.Module]:
     mods = []

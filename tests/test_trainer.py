@@ -212,3 +212,37 @@ def test_evaluation_resolution_is_decoupled_from_training(sd3_dir, tmp_path, pro
 def test_digits_refuses_an_evaluation_resolution(tmp_path):
     with pytest.raises(ConfigError, match="eval.height / eval.width: the DigitsPolicy adapter samples at one fixed"):
         Trainer(load_config("configs/digits_flow_grpo.yaml", [f"output_dir={tmp_path}", "eval.height=16"]))
+
+
+def test_frozen_modules_keep_matching_weights_and_train_the_rest(sd3_dir, tmp_path, prompts_file):
+    """train.frozen_modules (full fine-tuning): the text stream of the MMDiT stays as loaded, the image stream
+    trains; the exported weights hold both; a pattern matching nothing names itself."""
+    frozen = "[context, add_, text_embedder]"
+    trainer = make_trainer(sd3_dir, tmp_path / "run", prompts_file, **{
+        "lora.enabled": "false", "train.frozen_modules": frozen})
+    named = dict(trainer.denoiser.named_parameters())
+    text = [n for n in named if any(k in n for k in ("context", "add_", "text_embedder"))]
+    assert text and all(not named[n].requires_grad for n in text)
+    trained = {n for n, p in named.items() if p.requires_grad}
+    assert trained and trained.isdisjoint(text)
+    assert {id(p) for p in trainer.params} == {id(named[n]) for n in trained}
+    before = {n: p.detach().clone() for n, p in named.items()}
+    trainer.train()
+    assert all(torch.equal(named[n], before[n]) for n in text)
+    assert any(not torch.equal(named[n], before[n]) for n in trained)
+    from safetensors.torch import load_file
+
+    exported = load_file(str(tmp_path / "run" / "final" / "denoiser.safetensors"))
+    assert set(text) <= set(exported) and all(torch.equal(exported[n], before[n].cpu()) for n in text)
+    with pytest.raises(ConfigError, match=r"train.frozen_modules: \['no_such_layer'\] match no parameter"):
+        make_trainer(sd3_dir, tmp_path / "run2", prompts_file, **{
+            "lora.enabled": "false", "train.frozen_modules": "[context, no_such_layer]"})
+
+
+def test_frozen_modules_config_errors():
+    for override, match in [("train.frozen_modules=[ok, '(unclosed']", "'\\(unclosed' is not a regular expression"),
+                            ("train.frozen_modules=['']", "list of non-empty regular expressions")]:
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, ["lora.enabled=false", override]).validate()
+    with pytest.raises(ConfigError, match="with lora.enabled the adapters' lora.target_modules decide it"):
+        load_config(None, ["lora.enabled=true", "train.frozen_modules=[context]"]).validate()
