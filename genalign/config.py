@@ -448,6 +448,10 @@ class DataConfig:
     """Units (noise levels) per anchor record with ``anchor_levels: continuous``, stratified over the whole schedule;
     None = one per trained step of the sampler (as ``schedule``). Fewer units per record cost less per epoch; more
     records (``anchor_per_epoch``) cover the data better for the same cost."""
+    anchor_batch_size: Optional[int] = None
+    """Units per backward pass of the anchor (its micro-batch); None: ``train.batch_size``. The anchor's loss is
+    normalised by the optimizer step's unit count, so this changes speed and memory, not the gradient (float
+    rounding aside). A larger one than the method's (bounded by its minibatch) speeds small models on CPUs."""
     anchor_shift: float = 1.0
     """With ``anchor_levels: continuous``: the stratified levels ``s`` are moved towards high noise by the time shift
     ``shift * s / (1 + (shift - 1) * s)`` (SD3's shift, arXiv 2403.03206 §5.3.2); 1 = unchanged, 3 puts the median
@@ -635,6 +639,10 @@ class Config:
                               f"{d.anchor_file!r}")
         if not (isinstance(d.anchor_coef, (int, float)) and d.anchor_coef > 0):
             raise ConfigError(f"data.anchor_coef must be > 0 (null data.anchor_file: no anchor), got {d.anchor_coef!r}")
+        if d.anchor_batch_size is not None and not (isinstance(d.anchor_batch_size, int)
+                                                    and not isinstance(d.anchor_batch_size, bool)
+                                                    and d.anchor_batch_size >= 1):
+            raise ConfigError(f"data.anchor_batch_size must be an int >= 1 or null, got {d.anchor_batch_size!r}")
         if not (isinstance(d.anchor_per_epoch, int) and d.anchor_per_epoch >= 1):
             raise ConfigError(f"data.anchor_per_epoch must be an int >= 1, got {d.anchor_per_epoch!r}")
         if d.anchor_levels not in ("continuous", "schedule"):

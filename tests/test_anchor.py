@@ -58,6 +58,29 @@ def test_anchor_gradient_is_the_weighted_flow_matching_gradient(tmp_path):
     assert stats["loss"].item() == pytest.approx(2.5 * mse.item(), rel=1e-5)
 
 
+def test_anchor_batch_size_changes_the_passes_not_the_gradient(tmp_path):
+    """data.anchor_batch_size: the same step's units in fewer, larger backward passes give the same gradient."""
+    data = _write_digits(tmp_path, pairs=False, n_per_digit=2)
+    grads, passes = {}, {}
+    for size in (None, 64):
+        extra = [] if size is None else [f"data.anchor_batch_size={size}"]
+        trainer = _digits_trainer(tmp_path / str(size), f"data.anchor_file={data}", "data.anchor_per_epoch=12", *extra)
+        torch.manual_seed(0)
+        for p in trainer.params:  # LoRA B starts at zero: move it so that every weight has a gradient
+            p.data.add_(0.01 * torch.randn_like(p))
+        a = trainer.anchor
+        u = _anchor_units(trainer)
+        ids = a.minibatches(u, 0, 0, 2)[0]
+        fns = a.backwards(u, ids)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.optim.accumulate(fns)
+        grads[size], passes[size] = [p.grad.clone() for p in trainer.params], (len(ids), len(fns))
+    n = passes[None][0]
+    assert passes[None][1] == -(-n // 8) > 1 and passes[64][1] == -(-n // 64) == 1
+    for g, h in zip(grads[None], grads[64]):
+        torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-7)
+
+
 def test_anchor_joins_the_methods_optimizer_steps(tmp_path):
     """Same optimizer steps with and without the anchor; the anchor changes the weights and is logged."""
     data = _write_digits(tmp_path, pairs=False, n_per_digit=2)
@@ -128,6 +151,8 @@ def test_anchor_options_are_checked(tmp_path):
         load_config("configs/digits_flow_grpo.yaml", base + ["data.anchor_file=x.jsonl", "data.anchor_coef=0"]).validate()
     with pytest.raises(ConfigError, match="data.anchor_per_epoch must be an int >= 1"):
         load_config("configs/digits_flow_grpo.yaml", base + ["data.anchor_file=x.jsonl", "data.anchor_per_epoch=0"]).validate()
+    with pytest.raises(ConfigError, match="data.anchor_batch_size must be an int >= 1 or null"):
+        load_config("configs/digits_flow_grpo.yaml", base + ["data.anchor_file=x.jsonl", "data.anchor_batch_size=0"]).validate()
     with pytest.raises(ConfigError, match="data.anchor_levels must be 'continuous' or 'schedule'"):
         load_config("configs/digits_flow_grpo.yaml", base + ["data.anchor_file=x.jsonl", "data.anchor_levels=uniform"]).validate()
     with pytest.raises(ConfigError, match="data.anchor_units must be an int >= 1"):

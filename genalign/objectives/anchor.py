@@ -60,6 +60,10 @@ class DataAnchor(ForwardProcessObjective):
         self.continuous = ctx.cfg.data.anchor_levels == "continuous"
         self.shift = float(ctx.cfg.data.anchor_shift)
 
+    def micro_batch(self) -> int:
+        """``data.anchor_batch_size``, else ``train.batch_size``."""
+        return self.cfg.data.anchor_batch_size or self.cfg.train.batch_size
+
     def units_per_record(self) -> int:
         """``data.anchor_units``, else one per trained step of the sampler."""
         from ..methods import nft_steps

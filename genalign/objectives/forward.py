@@ -128,11 +128,16 @@ class ForwardProcessObjective(ObjectiveBase):
         return list(torch.tensor_split(torch.randperm(len(u.rows), generator=gen),
                                        count or self.cfg.train.num_minibatches))
 
+    def micro_batch(self) -> int:
+        """Units per backward pass (``train.batch_size``)."""
+        return self.cfg.train.batch_size
+
     def backwards(self, u: ForwardUnits, ids: torch.Tensor):
-        t, dev = self.cfg.train, self.tr.device
+        dev = self.tr.device
         total = self.tr.acc.reduce(torch.tensor(float(len(ids)), device=dev), "sum").clamp_min(1)
         self.before_step(u, ids)
-        fns = [self._backward_fn(u, ids[s:s + t.batch_size], total, 1.0) for s in range(0, len(ids), t.batch_size)]
+        size = self.micro_batch()
+        fns = [self._backward_fn(u, ids[s:s + size], total, 1.0) for s in range(0, len(ids), size)]
         if not fns:  # no unit on this process: a zero-weighted pass keeps the processes' collectives matched
             fns.append(self._backward_fn(u, torch.zeros(1, dtype=torch.long), total, 0.0))
         return fns
