@@ -114,12 +114,14 @@ def main(argv=None):
     ap.add_argument("--output-dir", default=None, help="parent of the runs (default: a temporary directory)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds, run one after another")
     ap.add_argument("--max-epochs", type=int, default=None, help="override num_epochs (default: the config's)")
-    ap.add_argument("--out", default="digits_e2e.json")
+    ap.add_argument("--out", default="digits_e2e.json", help="file name of the result under benchmarks/results")
     ap.add_argument("--reuse", action="store_true",
                     help="do not retrain a seed whose finished run is already in --output-dir (e.g. after an "
                          "interruption); its wall time is then unknown and only its run-measured elapsed_s counts")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
+    if os.path.basename(args.out) != args.out or not args.out:  # checked before hours of runs, not after
+        ap.error(f"--out takes a file name under benchmarks/results, got {args.out!r}")
     parent = args.output_dir or tempfile.mkdtemp(prefix="genalign_digits_e2e_")
     overrides = list(args.overrides) + ([f"num_epochs={args.max_epochs}"] if args.max_epochs else [])
     config = os.path.join(REPO, args.config) if not os.path.isabs(args.config) else args.config

@@ -107,3 +107,12 @@ def test_e2e_benchmark_reuse_judges_a_finished_run_without_retraining(tmp_path, 
     assert out["judge_2000"] == judged and out["final_accuracy"] == 0.96 and out["reach_0.95"]["samples_seen"] == 256
     with pytest.raises(AssertionError, match="trained again"):  # without --reuse the run is trained again
         bench.run_seed(0, str(run), [], "configs/digits.yaml", reuse=False)
+
+
+def test_e2e_benchmark_refuses_a_path_as_out_before_running(monkeypatch, capsys):
+    """``--out`` is a file name under benchmarks/results; a path is refused before any run starts."""
+    bench = _load_e2e_benchmark()
+    monkeypatch.setattr(bench, "run_seed", lambda *a, **k: (_ for _ in ()).throw(AssertionError("a run started")))
+    with pytest.raises(SystemExit):
+        bench.main(["--out", "benchmarks/results/x.json"])
+    assert "--out takes a file name under benchmarks/results" in capsys.readouterr().err
