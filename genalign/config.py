@@ -54,6 +54,12 @@ _Loader.add_implicit_resolver(
 
 
 
+def _int_at_least_or_null(key: str, value: Any, low: int = 1) -> None:
+    """Refuse ``value`` (of config ``key``) unless it is null or an int (not a bool) >= ``low``."""
+    if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= low):
+        raise ConfigError(f"{key} must be an int >= {low} or null, got {value!r}")
+
+
 DIGITS_MODELS = ("digits", "digits_wide")
 """The shipped digits generators (folders of ``genalign.assets``; ``genalign.pipelines.digits.SHIPPED_NAMES``);
 defined here so that validating a config imports no model code."""
@@ -639,20 +645,15 @@ class Config:
                               f"{d.anchor_file!r}")
         if not (isinstance(d.anchor_coef, (int, float)) and d.anchor_coef > 0):
             raise ConfigError(f"data.anchor_coef must be > 0 (null data.anchor_file: no anchor), got {d.anchor_coef!r}")
-        if d.anchor_batch_size is not None and not (isinstance(d.anchor_batch_size, int)
-                                                    and not isinstance(d.anchor_batch_size, bool)
-                                                    and d.anchor_batch_size >= 1):
-            raise ConfigError(f"data.anchor_batch_size must be an int >= 1 or null, got {d.anchor_batch_size!r}")
+        _int_at_least_or_null("data.anchor_batch_size", d.anchor_batch_size)
         if not (isinstance(d.anchor_per_epoch, int) and d.anchor_per_epoch >= 1):
             raise ConfigError(f"data.anchor_per_epoch must be an int >= 1, got {d.anchor_per_epoch!r}")
         if d.anchor_levels not in ("continuous", "schedule"):
             raise ConfigError(f"data.anchor_levels must be 'continuous' or 'schedule', got {d.anchor_levels!r}")
-        if d.anchor_units is not None:
-            if not (isinstance(d.anchor_units, int) and not isinstance(d.anchor_units, bool) and d.anchor_units >= 1):
-                raise ConfigError(f"data.anchor_units must be an int >= 1 or null, got {d.anchor_units!r}")
-            if d.anchor_levels != "continuous":
-                raise ConfigError(f"data.anchor_units ({d.anchor_units}) needs data.anchor_levels: continuous; with "
-                                  f"'schedule' every record trains at each trained step (set data.anchor_units: null)")
+        _int_at_least_or_null("data.anchor_units", d.anchor_units)
+        if d.anchor_units is not None and d.anchor_levels != "continuous":
+            raise ConfigError(f"data.anchor_units ({d.anchor_units}) needs data.anchor_levels: continuous; with "
+                              f"'schedule' every record trains at each trained step (set data.anchor_units: null)")
         if not (isinstance(d.anchor_shift, (int, float)) and not isinstance(d.anchor_shift, bool) and d.anchor_shift > 0):
             raise ConfigError(f"data.anchor_shift must be > 0 (1 = no shift), got {d.anchor_shift!r}")
         if d.anchor_shift != 1 and d.anchor_levels != "continuous":

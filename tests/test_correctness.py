@@ -210,3 +210,59 @@ def test_unknown_estimator_names_are_refused_with_the_valid_ones():
         load_config(None, ["train.advantage=grpoo"]).validate()
     with pytest.raises(ConfigError, match="advantage_std = 'batch' applies to train.advantage = 'grpo' only"):
         load_config(None, ["train.advantage=dr_grpo", "train.advantage_std=batch"]).validate()
+
+
+# --------------------------------------------------------------------------- gradient-free samples
+def _pg_step(trainer, units, ids, skip):
+    """(gradients, summed stats, samples forwarded) of one optimizer step's backwards with or without skipping."""
+    obj = trainer.objective
+    obj.skip_zero_advantage = skip
+    forwarded = sum(len(p) for p in obj.micro_batches(units, ids)) * units.steps.shape[1]
+    trainer.optimizer.zero_grad(set_to_none=True)
+    stats = trainer.accumulate(units, ids)
+    return [p.grad.clone() for p in trainer.params], stats, forwarded
+
+
+@pytest.mark.parametrize("kl_beta", [0.0, 0.3])
+def test_gradient_free_samples_are_skipped_with_the_same_gradient(tmp_path, kl_beta):
+    """Zero-advantage samples (without a KL) and invalid samples give no gradient, so they run no pass; the
+    step's gradient and loss are those of the full step. With a KL, zero-advantage samples still train."""
+    from .test_anchor import _digits_trainer
+
+    trainer = _digits_trainer(tmp_path, f"train.kl_beta={kl_beta}", "train.batch_size=4")
+    perturb_lora(trainer)  # away from the reference: the KL has a gradient
+    traj, rewards, _, group_ids, local = trainer.sample_epoch(0)
+    n = len(traj)
+    g = torch.Generator().manual_seed(3)
+    adv = torch.randn(n, generator=g)
+    adv[torch.randperm(n, generator=g)[: n // 2]] = 0.0  # half the samples: all-equal groups of a 0/1 reward
+    valid = torch.ones(n, dtype=torch.bool)
+    valid[torch.randperm(n, generator=g)[:3]] = False
+    steps = torch.tensor(trainer.trainable_steps()).expand(n, -1)
+    units = trainer.objective.units_for(traj, adv, valid, steps)
+    ids = torch.randperm(n, generator=g)[:20]
+    full, full_stats, full_passes = _pg_step(trainer, units, ids, skip=False)
+    kept, kept_stats, kept_passes = _pg_step(trainer, units, ids, skip=True)
+    free = (~valid[ids]) | ((adv[ids] == 0) & (kl_beta == 0))
+    assert full_passes == 20 * steps.shape[1]
+    assert kept_passes == int((~free).sum()) * steps.shape[1] < full_passes
+    assert any(g.abs().sum() > 0 for g in kept)
+    for a, b in zip(full, kept):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(full_stats["loss"], kept_stats["loss"], rtol=1e-5, atol=1e-9)
+
+
+def test_a_step_without_any_trained_sample_runs_one_pass_of_zero_gradient(tmp_path):
+    """All advantages 0: one single-sample pass, so the optimizer still steps (Adam moments, weight decay) as on
+    the full step, with a zero policy gradient."""
+    from .test_anchor import _digits_trainer
+
+    trainer = _digits_trainer(tmp_path, "train.kl_beta=0")
+    traj, *_ = trainer.sample_epoch(0)
+    n = len(traj)
+    steps = torch.tensor(trainer.trainable_steps()).expand(n, -1)
+    units = trainer.objective.units_for(traj, torch.zeros(n), torch.ones(n, dtype=torch.bool), steps)
+    micros = trainer.objective.micro_batches(units, torch.arange(n))
+    assert [len(m) for m in micros] == [1]
+    grads, _, _ = _pg_step(trainer, units, torch.arange(n), skip=True)
+    assert all(torch.count_nonzero(g) == 0 for g in grads)

@@ -87,15 +87,19 @@ def prompts_file(tmp_path):
     return str(path)
 
 
-def test_two_processes_match_one_process_on_the_same_global_batch(sd3_dir, tmp_path, prompts_file):
+@pytest.mark.parametrize("reward", ["brightness", "flat_for_cat"])
+def test_two_processes_match_one_process_on_the_same_global_batch(sd3_dir, tmp_path, prompts_file, reward):
+    """'flat_for_cat' without a KL: the cat group's advantages are 0, so its samples run no pass and the processes
+    hold different numbers of samples that train (the short one fills its micro-batches)."""
     one_out, two_out = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    extra = ["train.kl_beta=0"] + ([] if reward == "brightness" else ["sampling.groups_per_epoch=3"])
     # 3 eval images: 2 on rank 0, 1 on rank 1
     one = _run([sys.executable, str(WORKER), "--out", str(one_out), "--simulate-world", "2",
-                *_overrides(sd3_dir, tmp_path / "run1", prompts_file, eval_prompts_file=prompts_file)], cwd=tmp_path)
+                *_overrides(sd3_dir, tmp_path / "run1", prompts_file, reward, prompts_file), *extra], cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-4000:]
     two = _run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                 "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER), "--out", str(two_out),
-                *_overrides(sd3_dir, tmp_path / "run2", prompts_file, eval_prompts_file=prompts_file)], cwd=tmp_path)
+                *_overrides(sd3_dir, tmp_path / "run2", prompts_file, reward, prompts_file), *extra], cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-4000:]
 
     a, meta_a = _load(one_out)
@@ -112,19 +116,25 @@ def test_two_processes_match_one_process_on_the_same_global_batch(sd3_dir, tmp_p
     for key in ("group_ids", "log_probs", "final_latents", "rewards", "advantages", "valid"):
         assert torch.equal(a[key], b[key]), key
     assert b["advantages"].abs().sum() > 0
+    if reward == "flat_for_cat":  # zero advantages that skip their passes, unevenly over the two processes
+        zero = (b["advantages"] == 0).view(2, -1).sum(1)
+        assert zero.sum() > 0 and zero[0] != zero[1], zero
 
-    torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-5, atol=1e-7)  # (a sum of +-A terms, near 0)
     torch.testing.assert_close(a["grad_norm"], b["grad_norm"], rtol=1e-5, atol=1e-8)
     weights = [k[3:] for k in a if k.startswith("w1.")]
     assert weights and all("lora_" in n for n in weights)
     grads = [k for k in a if k.startswith("grad.")]
     assert grads and any(a[k].abs().sum() > 0 for k in grads)
-    for k in grads:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-9, msg=lambda m: f"{k}: {m}")
+    for k in grads:  # skipped passes change the micro-batches' make-up, so float32 sums differ in the last bits
+        atol = 1e-9 if reward == "brightness" else 1e-4 * float(a[k].abs().max())
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=atol, msg=lambda m: f"{k}: {m}")
     changed = False
     for n in weights:
         assert torch.equal(a["w0." + n], b["w0." + n]), f"initial weights differ: {n}"
-        torch.testing.assert_close(a["w1." + n], b["w1." + n], rtol=1e-5, atol=1e-7, msg=lambda m: f"{n}: {m}")
+        # (Adam's first step divides by |g| + 1e-8: gradients near 0 amplify those last bits to a few 1e-7)
+        atol = 1e-7 if reward == "brightness" else 1e-5
+        torch.testing.assert_close(a["w1." + n], b["w1." + n], rtol=1e-5, atol=atol, msg=lambda m: f"{n}: {m}")
         changed |= not torch.equal(b["w0." + n], b["w1." + n])
     assert changed
     # evaluation after the step with eval images split unevenly (2 + 1) over the processes

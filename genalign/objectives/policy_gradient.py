@@ -5,7 +5,8 @@ then per trained (sample, step) token the log-prob is recomputed with THE SAME f
 (``Policy.predict``, CFG included) and the shared :func:`genalign.losses.policy_loss` is minimised, plus the
 Gaussian mean KL to the reference (LoRA adapters disabled, or a frozen copy). GRPO-Guard's RatioNorm and the
 step weights (noise-aware, inverse-dt) are options of this objective. Steps are trained one at a time (one
-backward per micro-batch and step: activation memory does not grow with the number of trained steps).
+backward per micro-batch and step: activation memory does not grow with the number of trained steps). Samples
+whose loss terms are exactly 0 (masked, or zero-advantage without a KL) run no pass (``micro_batches``).
 
 Tokens: a (sample, step) pair of a valid sample at a stochastic step. A deterministic transition (std 0) has
 no density, so it has no log-ratio, KL or RatioNorm and does not count (docs/algorithms.md §1.5). The loss is
@@ -26,6 +27,12 @@ from ..methods import mix_seed
 from ..rollout import Trajectory, gather_steps, recompute_step
 from ..sde import gaussian_kl
 from .base import EpochBatch, ObjectiveBase, register_objective
+
+
+ADVANTAGE_PROPORTIONAL_SURROGATES = ("ppo_clip", "cispo", "dppo_mask")
+"""Built-in surrogates whose per-token loss is the advantage times a factor (0 for a zero advantage)."""
+LINEAR_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "constant")
+"""Built-in aggregations: weighted sums of the per-token losses with global normalisers (a 0 term adds 0)."""
 
 
 @dataclass
@@ -51,6 +58,7 @@ class PolicyGradient(ObjectiveBase):
         T = self.cfg.sampling.num_steps
         self.diagnostics = methods.StepDiagnostics(T, ctx.device)
         self.nonfinite = torch.zeros(T, 2, device=ctx.device)  # (policy, KL) non-finite tokens per step
+        self.skip_zero_advantage = True  # leave gradient-free samples out of the passes (False: tests compare)
 
     # ------------------------------------------------------------------ advantages
     def advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor, plan=None):
@@ -107,16 +115,47 @@ class PolicyGradient(ObjectiveBase):
                       ).to(valid.device)
         counts = torch.stack([(valid[:, None] & stochastic).sum().float(), valid.sum().float()]).to(dev)
         num_tokens, num_seqs = self.tr.acc.reduce(counts, "sum").clamp_min(1).unbind()
-        fns, starts = [], range(0, len(ids), t.batch_size)
-        weight = 1.0 / (k * max(len(starts), 1))  # stats summed over the step's backwards give micro-batch means
-        for start in starts:
-            micro = ids[start:start + t.batch_size]
+        fns, micros = [], self.micro_batches(units, ids)
+        weight = 1.0 / (k * max(len(micros), 1))  # stats summed over the step's backwards give micro-batch means
+        for pos in micros:
+            micro = ids[pos]
             sub = units.traj.select(micro).to(dev)
             for c in range(k):
                 fns.append(self._backward_fn(sub, units.adv[micro].to(dev), units.valid[micro].to(dev),
-                                             steps[start:start + t.batch_size, c].to(dev), num_tokens, num_seqs, k,
-                                             weight))
+                                             steps[pos, c].to(dev), num_tokens, num_seqs, k, weight))
         return fns
+
+    def gradient_free(self, units: PGUnits, ids: torch.Tensor) -> torch.Tensor:
+        """``[len(ids)]`` True for samples whose loss terms are exactly 0 whatever the weights: invalid ones (masked
+        tokens) and, without a KL term and with a surrogate proportional to the advantage, zero-advantage ones
+        (for example all-equal groups of a 0/1 reward under Dr.GRPO)."""
+        t = self.cfg.train
+        free = torch.zeros(len(ids), dtype=torch.bool)
+        if t.aggregation not in LINEAR_AGGREGATIONS:  # a plugin's aggregation may weigh tokens by others
+            return free
+        free = ~units.valid[ids]
+        if t.kl_beta == 0 and t.surrogate in ADVANTAGE_PROPORTIONAL_SURROGATES:
+            free = free | (units.adv[ids] == 0)
+        return free
+
+    def micro_batches(self, units: PGUnits, ids: torch.Tensor) -> List[torch.Tensor]:
+        """Positions in ``ids`` of the step's micro-batches (``train.batch_size`` samples each). Gradient-free
+        samples (:meth:`gradient_free`) are left out, so they cost no forward or backward pass; the gradient is the
+        same, since the loss is normalised by the global counts taken before. Every process runs the same number
+        of micro-batches (FSDP / DeepSpeed gather weights in each forward), at least one: a short process fills
+        with single gradient-free samples, and a step without any sample that trains still runs one such pass,
+        so the optimizer steps (Adam moments, weight decay) as it would on the full step."""
+        B = self.cfg.train.batch_size
+        free = self.gradient_free(units, ids)
+        if not self.skip_zero_advantage:
+            return [torch.arange(start, min(start + B, len(ids))) for start in range(0, len(ids), B)]
+        live, spare = (~free).nonzero().flatten(), free.nonzero().flatten()
+        micros = list(live.split(B)) if len(live) else []  # (splitting an empty tensor gives one empty part)
+        n = len(micros)
+        if self.tr.world > 1:
+            n = int(self.tr.acc.gather(torch.tensor([n], device=self.tr.device)).max())
+        n = max(n, 1) if len(ids) else n
+        return micros + [spare[i:i + 1] for i in range(n - len(micros))]
 
     def _backward_fn(self, sub, adv, valid, j, num_tokens, num_seqs, k, weight):
         def run(sync: bool) -> Dict[str, torch.Tensor]:
@@ -195,4 +234,4 @@ class PolicyGradient(ObjectiveBase):
         return out
 
 
-__all__ = ["PGUnits", "PolicyGradient"]
+__all__ = ["ADVANTAGE_PROPORTIONAL_SURROGATES", "LINEAR_AGGREGATIONS", "PGUnits", "PolicyGradient"]
