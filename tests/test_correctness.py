@@ -266,3 +266,6 @@ def test_a_step_without_any_trained_sample_runs_one_pass_of_zero_gradient(tmp_pa
     assert [len(m) for m in micros] == [1]
     grads, _, _ = _pg_step(trainer, units, torch.arange(n), skip=True)
     assert all(torch.count_nonzero(g) == 0 for g in grads)
+    trainer.objective.epoch_stats()  # (resets the counts)
+    trainer.objective.micro_batches(units, torch.arange(n))
+    assert trainer.objective.epoch_stats()["passes/skipped_frac"] == pytest.approx(1 - 1 / n)

@@ -59,6 +59,7 @@ class PolicyGradient(ObjectiveBase):
         self.diagnostics = methods.StepDiagnostics(T, ctx.device)
         self.nonfinite = torch.zeros(T, 2, device=ctx.device)  # (policy, KL) non-finite tokens per step
         self.skip_zero_advantage = True  # leave gradient-free samples out of the passes (False: tests compare)
+        self.pass_counts = torch.zeros(2, device=ctx.device)  # (samples in the epoch's steps, samples with a pass)
 
     # ------------------------------------------------------------------ advantages
     def advantages(self, rewards: torch.Tensor, group_ids: torch.Tensor, plan=None):
@@ -155,7 +156,9 @@ class PolicyGradient(ObjectiveBase):
         if self.tr.world > 1:
             n = int(self.tr.acc.gather(torch.tensor([n], device=self.tr.device)).max())
         n = max(n, 1) if len(ids) else n
-        return micros + [spare[i:i + 1] for i in range(n - len(micros))]
+        micros = micros + [spare[i:i + 1] for i in range(n - len(micros))]
+        self.pass_counts += torch.tensor([len(ids), sum(len(m) for m in micros)], device=self.pass_counts.device)
+        return micros
 
     def _backward_fn(self, sub, adv, valid, j, num_tokens, num_seqs, k, weight):
         def run(sync: bool) -> Dict[str, torch.Tensor]:
@@ -229,8 +232,13 @@ class PolicyGradient(ObjectiveBase):
         return "; ".join(terms) or "the gradient (loss and log-probs finite)"
 
     def epoch_stats(self) -> Dict[str, float]:
-        out = self.diagnostics.metrics(self.tr.acc.reduce if self.tr.world > 1 else None)
+        reduce = self.tr.acc.reduce if self.tr.world > 1 else None
+        out = self.diagnostics.metrics(reduce)
         self.diagnostics = methods.StepDiagnostics(self.cfg.sampling.num_steps, self.tr.device)
+        counts = reduce(self.pass_counts, "sum") if reduce else self.pass_counts
+        if counts[0] > 0:  # the samples of the epoch's optimizer steps that ran no pass (gradient-free)
+            out["passes/skipped_frac"] = 1.0 - (counts[1] / counts[0]).item()
+        self.pass_counts = torch.zeros_like(self.pass_counts)
         return out
 
 
