@@ -108,7 +108,7 @@ class PolicyGradient(ObjectiveBase):
 
     def backwards(self, units: PGUnits, ids: torch.Tensor):
         """One backward per (micro-batch of ``train.batch_size`` samples, trained step); global counts first."""
-        t, dev = self.cfg.train, self.tr.device
+        dev = self.tr.device
         steps = units.steps[ids]
         k = steps.shape[1]
         valid = units.valid[ids]
