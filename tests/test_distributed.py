@@ -120,7 +120,8 @@ def test_two_processes_match_one_process_on_the_same_global_batch(sd3_dir, tmp_p
         zero = (b["advantages"] == 0).view(2, -1).sum(1)
         assert zero.sum() > 0 and zero[0] != zero[1], zero
 
-    torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-5, atol=1e-7)  # (a sum of +-A terms, near 0)
+    # (with skipped passes the loss, a sum of +-A terms near 0, differs in its last float32 bits)
+    torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-5, atol=1e-8 if reward == "brightness" else 1e-7)
     torch.testing.assert_close(a["grad_norm"], b["grad_norm"], rtol=1e-5, atol=1e-8)
     weights = [k[3:] for k in a if k.startswith("w1.")]
     assert weights and all("lora_" in n for n in weights)

@@ -147,9 +147,9 @@ class PolicyGradient(ObjectiveBase):
         with single gradient-free samples, and a step without any sample that trains still runs one such pass,
         so the optimizer steps (Adam moments, weight decay) as it would on the full step."""
         B = self.cfg.train.batch_size
-        free = self.gradient_free(units, ids)
         if not self.skip_zero_advantage:
             return [torch.arange(start, min(start + B, len(ids))) for start in range(0, len(ids), B)]
+        free = self.gradient_free(units, ids)
         live, spare = (~free).nonzero().flatten(), free.nonzero().flatten()
         micros = list(live.split(B)) if len(live) else []  # (splitting an empty tensor gives one empty part)
         n = len(micros)
