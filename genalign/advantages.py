@@ -52,11 +52,22 @@ def compute_advantages(
 
 def configured_advantages(train_cfg, rewards: Tensor, group_ids: Tensor) -> Tensor:
     """The estimator ``train.advantage`` with its config options (``train.advantage_std`` for 'grpo',
-    ``train.advantage_unbiased_std``), unclipped: what every objective of the trainer computes from rewards."""
+    ``train.advantage_unbiased_std``) and positive advantages scaled by ``train.positive_advantage_weight``,
+    unclipped: what every objective of the trainer computes from rewards."""
     options = {"std": train_cfg.advantage_std} if train_cfg.advantage == "grpo" else {}
     if train_cfg.advantage_unbiased_std:
         options["unbiased"] = True
-    return compute_advantages(train_cfg.advantage, rewards, group_ids, **options)
+    adv = compute_advantages(train_cfg.advantage, rewards, group_ids, **options)
+    return weight_positive(adv, train_cfg.positive_advantage_weight)
+
+
+def weight_positive(advantages: Tensor, weight: float) -> Tensor:
+    """Positive advantages times ``weight`` in [0, 1], the others unchanged (W-REINFORCE, arXiv 2506.01347)."""
+    if not 0 <= weight <= 1:
+        raise ValueError(f"positive_advantage_weight must be in [0, 1], got {weight}")
+    if weight == 1:
+        return advantages
+    return torch.where(advantages > 0, advantages * weight, advantages)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -222,6 +222,12 @@ class TrainConfig:
     unbiased one, Flow-GRPO's code the population one."""
     advantage_clip: float = 5.0
     """Clamp advantages to +- this value."""
+    positive_advantage_weight: float = 1.0
+    """Multiply positive advantages by this weight, negative ones unchanged (W-REINFORCE, Zhu et al. 2025,
+    "The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning", arXiv 2506.01347, uses 0.1):
+    below 1 the update mostly pushes probability away from low-reward samples and lets the model's own prior
+    redistribute it, instead of pulling it onto the high-reward samples drawn (which narrows each prompt's
+    distribution). 1 = the estimator's advantages; 0 = negative samples only."""
     filter_zero_std_groups: bool = True
     """Groups whose rewards are all equal contribute no policy-gradient tokens (and do not count in the
     loss denominator)."""
@@ -717,6 +723,8 @@ class Config:
                               f"(got {t.advantage!r})")
         if not t.advantage_clip > 0:
             raise ConfigError(f"train.advantage_clip must be > 0, got {t.advantage_clip}")
+        if not 0 <= t.positive_advantage_weight <= 1:
+            raise ConfigError(f"train.positive_advantage_weight must be in [0, 1], got {t.positive_advantage_weight}")
 
     def _validate_deterministic_steps(self) -> None:
         """Refuse to train a step whose transition is deterministic by construction (std 0: no density, so

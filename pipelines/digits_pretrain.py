@@ -192,6 +192,8 @@ def train_generator(x_tr, y_tr, seed: int = 0, steps: int = 4000, batch_size: in
 # ---------------------------------------------------------------------------------------------- reference set
 REFERENCE_SET = "reference_train.jsonl"
 """The asset file of the reference data set (``data.anchor_file: digits:reference_train.jsonl``)."""
+REFERENCE_SET_TWO_CAPTIONS = "reference_train_two_captions.jsonl"
+"""The same images, each under two training phrasings (the default run's ``data.anchor_file``)."""
 
 
 def write_reference_set(out_dir: str) -> str:
@@ -200,23 +202,25 @@ def write_reference_set(out_dir: str) -> str:
     ``reference_train.jsonl`` records ``{"prompt", "image", "digit"}``; image i's prompt is the RL training
     template ``i % 4`` (``prompts_train.txt``'s phrasings, never the evaluation ones). These are the generator's
     pretraining images with correct captions (pretraining saw 40% of captions randomised); the held-out split the
-    judge compares with is not used. Returns the jsonl path."""
+    judge compares with is not used. Also writes ``reference_train_two_captions.jsonl``: every image twice, under
+    template ``i % 4`` and template ``(i + 1) % 4`` (caption augmentation: the anchor then teaches each image under
+    more than one phrasing). Returns the first jsonl's path."""
     from PIL import Image
 
     x_tr, y_tr, _, _ = load_split()
     folder = os.path.join(out_dir, REFERENCE_SET.replace(".jsonl", ""))
     os.makedirs(folder, exist_ok=True)
     pixels = ((x_tr[:, 0] + 1) / 2 * 255).round().clamp(0, 255).to(torch.uint8).numpy()
-    lines = []
-    for i, (img, digit) in enumerate(zip(pixels, y_tr.tolist())):
-        name = f"{i:04d}.png"
-        Image.fromarray(img, mode="L").save(os.path.join(folder, name))
-        prompt = fill(TRAIN_TEMPLATES[i % len(TRAIN_TEMPLATES)], int(digit))
-        lines.append(json.dumps({"prompt": prompt, "image": f"{os.path.basename(folder)}/{name}", "digit": int(digit)}))
-    path = os.path.join(out_dir, REFERENCE_SET)
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return path
+    for i, img in enumerate(pixels):
+        Image.fromarray(img, mode="L").save(os.path.join(folder, f"{i:04d}.png"))
+    n = len(TRAIN_TEMPLATES)
+    for name, shifts in ((REFERENCE_SET, (0,)), (REFERENCE_SET_TWO_CAPTIONS, (0, 1))):
+        lines = [json.dumps({"prompt": fill(TRAIN_TEMPLATES[(i + shift) % n], digit),
+                             "image": f"{os.path.basename(folder)}/{i:04d}.png", "digit": digit})
+                 for i, digit in enumerate(y_tr.tolist()) for shift in shifts]
+        with open(os.path.join(out_dir, name), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return os.path.join(out_dir, REFERENCE_SET)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -343,7 +347,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--measure-only", action="store_true",
                         help="do not train: recompute DIR/metrics.json for the assets already in --out")
     parser.add_argument("--reference-set-only", action="store_true",
-                        help=f"do not train: write the real-digit reference data set ({REFERENCE_SET}, for "
+                        help=f"do not train: write the real-digit reference data sets ({REFERENCE_SET}, {REFERENCE_SET_TWO_CAPTIONS}; for "
                              f"data.anchor_file) into --out")
     args = parser.parse_args(argv)
     if args.threads:

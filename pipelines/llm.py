@@ -35,7 +35,7 @@ from typing import (
 import torch
 
 from genalign import losses
-from genalign.advantages import compute_advantages, zero_variance_groups
+from genalign.advantages import compute_advantages, weight_positive, zero_variance_groups
 from genalign.optim import OptimizerStep
 from genalign.policy import refuse_conditioning, resolve_device, resolve_pretrained
 
@@ -217,6 +217,9 @@ class GRPOStepConfig:
     """aggregation 'constant' (Dr.GRPO): the loss is sum(token losses) / (num_seqs * this). Set it to the
     generation's max_new_tokens for Dr.GRPO's constant (TRL's max_completion_length); None = the response
     width T of the batch (which varies with the longest response)."""
+    positive_advantage_weight: float = 1.0
+    """Positive advantages times this weight in [0, 1], negative ones unchanged (W-REINFORCE, arXiv 2506.01347,
+    uses 0.1; like train.positive_advantage_weight of the diffusion trainer)."""
     filter_zero_std_groups: bool = True
     """Tokens of groups whose rewards are all equal (whatever the advantage estimator; under group normalisation
     their advantage is 0) leave the loss mask: they count in neither the token nor the sequence denominator
@@ -289,6 +292,7 @@ def grpo_prepare(rewards: torch.Tensor, group_ids: torch.Tensor, mask: torch.Ten
     rewards = rewards if rewards.is_floating_point() else rewards.float()
     group_ids = torch.as_tensor(group_ids, device=mask.device)
     adv = compute_advantages(config.advantage, rewards, group_ids, mask, **config.advantage_options)
+    adv = weight_positive(adv, config.positive_advantage_weight)
     zero_std = zero_variance_groups(rewards, group_ids).to(mask.device)
     if config.filter_zero_std_groups:
         mask = mask & ~zero_std.unsqueeze(1)

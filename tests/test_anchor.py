@@ -208,3 +208,18 @@ def test_shipped_reference_set_is_the_train_split_with_true_labels():
     policy = DigitsPolicy.from_pretrained("digits")
     pixels = torch.stack([load_image(r["images"][0], 8, 8) for r in records[:50]])
     torch.testing.assert_close(policy.encode_images(pixels), x_tr[:50], atol=1.001 / 255, rtol=0)  # uint8 PNGs
+
+
+def test_shipped_two_caption_set_is_each_reference_image_under_two_training_phrasings():
+    """The default's anchor file: the reference set's images and labels, each under its own phrasing and the next
+    training template's; no evaluation phrasing, so the judge's prompts stay unseen."""
+    from genalign.pipelines.digits_pretrain import TRAIN_TEMPLATES, fill
+    from genalign.prompts import resolve_prompts_path
+
+    one = [json.loads(line) for line in open(resolve_prompts_path("digits:reference_train.jsonl"))]
+    two = [json.loads(line) for line in open(resolve_prompts_path("digits:reference_train_two_captions.jsonl"))]
+    assert len(two) == 2 * len(one)
+    for i, r in enumerate(one):
+        a, b = two[2 * i], two[2 * i + 1]
+        assert a == r and b["image"] == r["image"] and b["digit"] == r["digit"]
+        assert b["prompt"] == fill(TRAIN_TEMPLATES[(i + 1) % len(TRAIN_TEMPLATES)], r["digit"]) != a["prompt"]

@@ -166,6 +166,20 @@ def test_unbiased_advantage_std(sd3_dir, tmp_path, prompts_file):
     torch.testing.assert_close(adv[:4], (g0 - g0.mean()) / (g0.std(unbiased=True) + 1e-4))
 
 
+def test_positive_advantage_weight_scales_only_positive_advantages(sd3_dir, tmp_path, prompts_file):
+    trainer = make_trainer(sd3_dir, tmp_path / "run", prompts_file,
+                           **{"train.positive_advantage_weight": "0.25", "train.advantage_std": "none"})
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    adv, _ = trainer.compute_advantages(rewards, groups)
+    # Dr.GRPO by hand: group means 0.25 and 0.75; positives (r = 1) times 0.25, negatives unchanged
+    expected = torch.tensor([0.75 * 0.25, -0.25, -0.25, -0.25, 0.25 * 0.25, 0.25 * 0.25, 0.25 * 0.25, -0.75])
+    torch.testing.assert_close(adv, expected)
+    for bad in ("1.5", "-0.1"):
+        with pytest.raises(ConfigError, match="train.positive_advantage_weight"):
+            load_config("configs/digits.yaml", [f"train.positive_advantage_weight={bad}"]).validate()
+
+
 def test_cli_reports_a_failing_reward_without_a_traceback(sd3_dir, tmp_path, prompts_file, capsys):
     rc = cli.main(["train", "configs/digits_flow_grpo.yaml", *tiny_overrides(sd3_dir, tmp_path / "run", prompts_file,
                                                                      reward="nan_for_second")])

@@ -37,11 +37,12 @@ def _manual_grads(trainer, loss):
 
 def _assert_same(a, b):
     """Equal up to float32 summation order (micro-batches against one pass; CPU kernels differ by machine): an
-    absolute tolerance of 1e-5 of the largest gradient entry, far below any error of a weight or a term."""
+    absolute tolerance of 1e-4 of the largest gradient entry (one machine's kernels differed by 3.6e-5 of it on a
+    near-zero entry), far below any error of a weight or a term, which moves entries by a sizeable share of it."""
     scale = max(float(g.abs().max()) for g in a)
     assert scale > 0
     for x, y in zip(a, b):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5 * scale)
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4 * scale)
 
 
 # ---------------------------------------------------------------- AWM

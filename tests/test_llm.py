@@ -171,6 +171,15 @@ def test_grpo_prepare_counts_and_constant_normalizer():
     torch.testing.assert_close(raw.advantages, prep.advantages)
 
 
+def test_grpo_prepare_positive_advantage_weight():
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    rewards, gids = torch.tensor([1.0, 0.0, 0.0, 0.0]), torch.tensor([0, 0, 0, 0])
+    prep = llm.grpo_prepare(rewards, gids, mask, {"advantage": "dr_grpo", "positive_advantage_weight": 0.1})
+    torch.testing.assert_close(prep.advantages, torch.tensor([0.75 * 0.1, -0.25, -0.25, -0.25]))
+    with pytest.raises(ValueError, match="positive_advantage_weight"):
+        llm.grpo_prepare(rewards, gids, mask, {"positive_advantage_weight": 2.0})
+
+
 def _fake_round(r, n, k=2):
     """A generate-layout batch of round r: n groups of k rows, prompt width 2 + r, response width 3 + 2 r."""
     P, T, B = 2 + r, 3 + 2 * r, n * k
