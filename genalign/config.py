@@ -227,7 +227,8 @@ class TrainConfig:
     "The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning", arXiv 2506.01347, uses 0.1):
     below 1 the update mostly pushes probability away from low-reward samples and lets the model's own prior
     redistribute it, instead of pulling it onto the high-reward samples drawn (which narrows each prompt's
-    distribution). 1 = the estimator's advantages; 0 = negative samples only."""
+    distribution). 1 = the estimator's advantages; 0 = negative samples only. Applies wherever group advantages
+    are formed (the policy-gradient methods with TempFlow's branch advantages included, AWM, DGPO, DiffusionNFT)."""
     filter_zero_std_groups: bool = True
     """Groups whose rewards are all equal contribute no policy-gradient tokens (and do not count in the
     loss denominator)."""

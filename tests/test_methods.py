@@ -42,6 +42,12 @@ def test_branching_model_calls_trajectories_and_process_advantages(sd3_dir, tmp_
     for sid in plan.seed_ids.unique():
         for j in (0, 1):
             assert abs(adv[(plan.seed_ids == sid) & (plan.branch_step == j), j].sum()) < 1e-4
+    # the positive-advantage weight reaches the branch advantages too
+    picked = adv[torch.arange(N), plan.branch_step].clamp(-5, 5)
+    trainer.cfg.train.positive_advantage_weight = 0.5
+    weighted, _ = trainer.compute_advantages(rewards, group_ids, plan)
+    assert (picked > 0).any()
+    torch.testing.assert_close(weighted, torch.where(picked > 0, 0.5 * picked, picked))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

@@ -22,7 +22,7 @@ from typing import Dict, List
 import torch
 
 from .. import losses, methods
-from ..advantages import configured_advantages, zero_variance_groups
+from ..advantages import configured_advantages, weight_positive, zero_variance_groups
 from ..methods import mix_seed
 from ..rollout import Trajectory, gather_steps, recompute_step
 from ..sde import gaussian_kl
@@ -70,7 +70,7 @@ class PolicyGradient(ObjectiveBase):
         if plan is not None and plan.branch_step is not None:
             steps = plan.branch_step
             adv = methods.branch_advantages(rewards, plan)[torch.arange(len(steps)), steps]
-            adv = adv.clamp(-t.advantage_clip, t.advantage_clip)
+            adv = weight_positive(adv, t.positive_advantage_weight).clamp(-t.advantage_clip, t.advantage_clip)
             group_ids = plan.seed_ids * self.cfg.sampling.num_steps + steps
         else:  # options checked at config load
             adv = configured_advantages(t, rewards, group_ids).clamp(-t.advantage_clip, t.advantage_clip)
