@@ -236,7 +236,7 @@ def test_training_eval_is_reproduced_by_genalign_eval(tmp_path, ema, ema_every):
 @pytest.mark.slow
 def test_cli_eval_on_two_processes_equals_one_process(tmp_path):
     """``torchrun --nproc_per_node 2 -m genalign.cli eval`` (gloo, 2 + 1 images) writes the metrics and
-    statistics of the one-process command, bit for bit (single-image batches: the same kernels)."""
+    statistics of the one-process command up to float32 round-off (single-image batches: the same images)."""
     import os
     import socket
     import subprocess
@@ -257,8 +257,9 @@ def test_cli_eval_on_two_processes_equals_one_process(tmp_path):
                               text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-4000:]
         results[name] = json.loads((tmp_path / name / "eval.json").read_text())
-    # the same images; the means are reduced in another order across processes (float32 round-off, CPU-dependent)
-    assert results["two"]["metrics"] == pytest.approx(results["one"]["metrics"], rel=1e-6)
+    # the same images; the means are reduced in another order across processes (float32 round-off, CPU-dependent:
+    # one machine's per-image probabilities differed by 1.2e-6 relative; another seed's image moves them by far more)
+    assert results["two"]["metrics"] == pytest.approx(results["one"]["metrics"], rel=1e-5)
     def leaves(x):  # the numbers and strings of a nested result, in order
         if isinstance(x, dict):
             return [v for k in sorted(x) for v in [k, *leaves(x[k])]]
@@ -269,4 +270,4 @@ def test_cli_eval_on_two_processes_equals_one_process(tmp_path):
     two, one = leaves(results["two"]["rewards"]), leaves(results["one"]["rewards"])
     assert [v for v in two if isinstance(v, str)] == [v for v in one if isinstance(v, str)]
     assert [v for v in two if not isinstance(v, str)] == pytest.approx([v for v in one if not isinstance(v, str)],
-                                                                       rel=1e-6)
+                                                                       rel=1e-5)
